@@ -1,0 +1,1 @@
+"""FFCV dataset conversion and multi-view loaders."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Idempotent system step: the Debian packages FFCV needs to build, and the default dataset.
+# Installs what is missing with apt-get when run as root; otherwise says exactly what to install.
+set -euo pipefail
+packages=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+  echo "ssl-study setup: missing system packages: ${missing[*]}" >&2
+  echo "Install them, then run make again:  sudo apt-get install -y ${missing[*]}" >&2
+  echo "(FFCV builds against pkg-config, libturbojpeg and OpenCV; dataset-fashion-mnist is the default dataset.)" >&2
+  exit 1
+fi
+echo "ssl-study setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

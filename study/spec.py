@@ -1,0 +1,193 @@
+"""The study file: one YAML document that says what to search, on what, with which resources.
+
+Loading validates the whole file before any Ray resource is spent. Every problem is a :class:`SpecError`
+whose one-line message names the file, the key and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_spaces import Param, SpaceError, parse_space
+from trainers.config import TrainConfig
+
+DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
+DATASETS = ("fashion_mnist",)
+METHODS = ("moco_v3",)
+METRICS = ("knn_top1", "loss")
+SAMPLERS = ("tpe", "random")
+SCHEDULERS = ("asha", "fifo")
+
+
+class SpecError(ValueError):
+    """A study file is missing, malformed or asks for something that does not exist."""
+
+
+@dataclass
+class Resources:
+    workers: int = 2  # Ray Train workers per trial (one DDP process each)
+    cpus_per_worker: float = 0.45
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.1  # the Tune function that drives a trial's TorchTrainer
+
+
+@dataclass
+class Search:
+    space: dict = field(default_factory=dict)
+    num_samples: int = 4
+    max_concurrent: int = 2
+    metric: str = "knn_top1"
+    mode: str = "max"
+    sampler: str = "tpe"
+    seed: int = 0
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"
+    grace_period: int = 1  # epochs
+    reduction_factor: int = 2
+
+
+@dataclass
+class StudySpec:
+    name: str = "study"
+    dataset: str = "fashion_mnist"
+    data_dir: str = "datasets"  # converted FFCV files; relative paths are taken from the working directory
+    storage: str = "runs"  # results, checkpoints and the Optuna database go to storage/name
+    train: dict = field(default_factory=dict)  # overrides of trainers.config.TrainConfig
+    resources: Resources = field(default_factory=Resources)
+    search: Search = field(default_factory=Search)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    source: str = ""  # the file this spec came from (set by the loader)
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.storage).resolve() / self.name
+
+    @property
+    def params(self) -> list[Param]:
+        try:
+            return parse_space(self.search.space, where=f"{self.source}: search.space")
+        except SpaceError as e:
+            raise SpecError(str(e)) from None
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        tp = next(t for t in options if t is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    ok = (isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))) or (
+        tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _unknown(key: str, accepted: typing.Iterable[str], where: str) -> SpecError:
+    accepted = sorted(accepted)
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return SpecError(f"{where}: unknown key '{key}'; {hint}accepted: {', '.join(accepted)}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(str(key), names, where)
+        values[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def _one_of(value: Any, accepted: typing.Sequence[str], where: str) -> None:
+    if value not in accepted:
+        raise SpecError(f"{where}: {value!r} is not one of: {', '.join(accepted)}")
+
+
+def _check_positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise SpecError(f"{where}: must be > 0, got {value!r}")
+
+
+def validate(spec: StudySpec) -> StudySpec:
+    """Check values against each other and against what exists; returns ``spec``."""
+    from trainers.backbones import VIT_CONFIGS
+
+    src = spec.source
+    _one_of(spec.dataset, DATASETS, f"{src}: dataset")
+    train = spec.train
+    for key, value in train.items():
+        if key not in TrainConfig.field_names():
+            raise _unknown(key, TrainConfig.field_names(), f"{src}: train")
+        train[key] = _check_type(value, typing.get_type_hints(TrainConfig)[key], f"{src}: train.{key}")
+    cfg = spec.train_config()
+    _one_of(cfg.method, METHODS, f"{src}: train.method")
+    _one_of(cfg.backbone, tuple(VIT_CONFIGS), f"{src}: train.backbone")
+    for key in ("epochs", "batch_size"):
+        _check_positive(getattr(cfg, key), f"{src}: train.{key}")
+    res = spec.resources
+    _check_positive(res.workers, f"{src}: resources.workers")
+    if cfg.batch_size % res.workers:
+        raise SpecError(f"{src}: train.batch_size {cfg.batch_size} does not divide by resources.workers "
+                        f"{res.workers}; use a multiple of {res.workers}")
+    _check_positive(res.cpus_per_worker, f"{src}: resources.cpus_per_worker")
+    _check_positive(res.driver_cpus, f"{src}: resources.driver_cpus")
+    s = spec.search
+    _one_of(s.metric, METRICS, f"{src}: search.metric")
+    _one_of(s.mode, ("max", "min"), f"{src}: search.mode")
+    _one_of(s.sampler, SAMPLERS, f"{src}: search.sampler")
+    _check_positive(s.num_samples, f"{src}: search.num_samples")
+    _check_positive(s.max_concurrent, f"{src}: search.max_concurrent")
+    for param in spec.params:
+        if param.name not in TrainConfig.field_names():
+            raise _unknown(param.name, TrainConfig.field_names(), f"{src}: search.space")
+    _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
+    _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
+    if not spec.name or "/" in spec.name:
+        raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
+    return spec
+
+
+def load_spec(path: str | Path | None = None) -> StudySpec:
+    """Read and validate a study file (the bundled default study when ``path`` is None)."""
+    path = Path(path) if path is not None else DEFAULT_STUDY
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: study file not found") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the study file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    spec = _build(StudySpec, data if data is not None else {}, str(path))
+    spec.source = str(path)
+    return validate(spec)

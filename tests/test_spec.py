@@ -1,0 +1,95 @@
+"""Study files are validated whole, before Ray starts; each error is one line naming file and key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study.cli import main
+from study.spec import DEFAULT_STUDY, SpecError, load_spec
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def with_change(tmp_path, section: str, key: str, value):
+    data = yaml.safe_load(DEFAULT_STUDY.read_text())
+    if section:
+        data.setdefault(section, {})[key] = value
+    else:
+        data[key] = value
+    return write(tmp_path, yaml.safe_dump(data))
+
+
+def test_default_study_loads():
+    spec = load_spec()
+    assert spec.source == str(DEFAULT_STUDY)
+    assert [p.name for p in spec.params] == ["base_lr"]
+    assert spec.train_config().batch_size % spec.resources.workers == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "base_lrr", 1e-3, "unknown key 'base_lrr'; did you mean 'base_lr'?"),
+        ("train", "method", "swav", "train.method: 'swav' is not one of: moco_v3"),
+        ("train", "backbone", "vit_gigantic", "train.backbone: 'vit_gigantic' is not one of"),
+        ("train", "epochs", "three", "train.epochs: expected int, got 'three'"),
+        ("train", "epochs", 0, "train.epochs: must be > 0"),
+        ("train", "batch_size", 129, "batch_size 129 does not divide by resources.workers 2"),
+        ("resources", "workrs", 2, "unknown key 'workrs'; did you mean 'workers'?"),
+        ("search", "space", {"base_lr": {"log": [1e-3, 1e-4]}}, "empty or inverted range"),
+        ("search", "space", {"base_lr": {"log": [0, 1e-4]}}, "base_lr.log: bounds must be > 0"),
+        ("search", "space", {"base_lr": {"gauss": [0, 1]}}, "unknown distribution 'gauss'"),
+        ("search", "space", {"learning_rate": {"log": [1e-4, 1e-3]}}, "unknown key 'learning_rate'"),
+        ("search", "metric", "accuracy", "search.metric: 'accuracy' is not one of"),
+        ("scheduler", "type", "hyperband", "scheduler.type: 'hyperband' is not one of: asha, fifo"),
+        ("", "dataset", "imagenet", "dataset: 'imagenet' is not one of: fashion_mnist"),
+        ("", "resourcez", {}, "unknown key 'resourcez'; did you mean 'resources'?"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path, section, key, value, expected):
+    path = with_change(tmp_path, section, key, value)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="study file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match=r"not valid YAML at line 3, column 1"):
+        load_spec(write(tmp_path, "name: x\ntrain: [1, 2\n"))
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_cli_exits_2_with_one_line_before_ray_starts(tmp_path, capsys):
+    path = with_change(tmp_path, "train", "backbone", "resnet9000")
+    assert main(["launch", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and "train.backbone" in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_dry_run_prints_the_resolved_study(capsys):
+    assert main(["launch", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fmnist-mocov3-lr" in out and "base_lr~log" in out and "2 workers" in out
+
+
+ENTRY_POINTS = [[sys.executable, "-m", "study"], [str(Path(sys.executable).with_name("ssl-study"))]]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_module_and_console_entry_points(tmp_path, entry):
+    out = subprocess.run([*entry, "launch", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"ssl-study: error: {tmp_path / 'missing.yaml'}: study file not found"

@@ -1,0 +1,52 @@
+"""Every training option of one run, with the defaults of the MoCo v3 recipe scaled to a CPU-sized ViT.
+
+A study file's ``train:`` section and its search space both name fields of :class:`TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    method: str = "moco_v3"
+    backbone: str = "vit_nano_patch4_32"
+    stop_grad_conv1: bool = False  # frozen random patch projection (paper sec. 4.2); off in the official code
+    pos_embed: str = "sincos"
+    # data: FFCV files written by data.convert; subsets keep CPU studies short (None: the whole split)
+    train_path: str = ""
+    test_path: str = ""
+    train_subset: int | None = None
+    knn_bank_subset: int | None = None
+    knn_eval_subset: int | None = None
+    crop_min: float = 0.08
+    loader_workers: int = 1
+    # optimisation: lr = base_lr * batch_size / 256, linear warmup then half-cosine (per iteration)
+    epochs: int = 3
+    batch_size: int = 128  # global, split evenly across workers
+    optimizer: str = "adamw"
+    base_lr: float = 1.5e-4
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    # MoCo v3
+    moco_m: float = 0.99  # m0 of the cosine momentum schedule towards 1
+    temperature: float = 0.2
+    dim: int = 256
+    mlp_dim: int = 4096
+    # evaluation: weighted kNN on the eval split after every epoch
+    knn_k: int = 20
+    knn_t: float = 0.07
+    # run
+    seed: int = 0
+    threads: int = 1  # torch intra-op threads per worker
+    checkpoint_every: int = 0  # epochs between checkpoints; 0: only at the end
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
