@@ -21,7 +21,6 @@ from trainers.config import TrainConfig
 
 DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
 DATASETS = ("fashion_mnist",)
-METHODS = ("moco_v3",)
 METRICS = ("knn_top1", "loss")
 SAMPLERS = ("tpe", "random")
 SCHEDULERS = ("asha", "fifo")
@@ -136,7 +135,10 @@ def _check_positive(value: float, where: str) -> None:
 
 def validate(spec: StudySpec) -> StudySpec:
     """Check values against each other and against what exists; returns ``spec``."""
-    from trainers.backbones import VIT_CONFIGS
+    from trainers.backbones import BACKBONES, MLP_NORMS, POS_EMBEDS
+    from trainers.config import PRECISIONS
+    from trainers.methods import METHODS
+    from trainers.optim import OPTIMIZERS
 
     src = spec.source
     _one_of(spec.dataset, DATASETS, f"{src}: dataset")
@@ -146,8 +148,10 @@ def validate(spec: StudySpec) -> StudySpec:
             raise _unknown(key, TrainConfig.field_names(), f"{src}: train")
         train[key] = _check_type(value, typing.get_type_hints(TrainConfig)[key], f"{src}: train.{key}")
     cfg = spec.train_config()
-    _one_of(cfg.method, METHODS, f"{src}: train.method")
-    _one_of(cfg.backbone, tuple(VIT_CONFIGS), f"{src}: train.backbone")
+    choices = {"method": METHODS, "backbone": BACKBONES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
+               "pos_embed": POS_EMBEDS, "mlp_norm": MLP_NORMS}
+    for key, accepted in choices.items():
+        _one_of(getattr(cfg, key), accepted, f"{src}: train.{key}")
     for key in ("epochs", "batch_size"):
         _check_positive(getattr(cfg, key), f"{src}: train.{key}")
     res = spec.resources
@@ -166,6 +170,9 @@ def validate(spec: StudySpec) -> StudySpec:
     for param in spec.params:
         if param.name not in TrainConfig.field_names():
             raise _unknown(param.name, TrainConfig.field_names(), f"{src}: search.space")
+        for value in param.args if param.kind == "choice" else ():
+            if param.name in choices:
+                _one_of(value, choices[param.name], f"{src}: search.space.{param.name}")
     _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
     _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
     if not spec.name or "/" in spec.name:

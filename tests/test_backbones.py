@@ -1,4 +1,5 @@
-"""Backbones: registry, sin-cos embedding, MoCo v3 init, frozen patch projection, pooling."""
+"""Backbones: registry, sin-cos embedding, MoCo v3 init, frozen patch projection, pooling, ViT-BN, conv stem,
+ResNet-50."""
 
 import math
 
@@ -7,7 +8,16 @@ import pytest
 import torch
 
 import trainers  # noqa: F401  (compat shim before timm)
-from trainers.backbones import VIT_CONFIGS, build_2d_sincos_position_embedding, create_backbone
+from trainers.backbones import (
+    BACKBONES,
+    VIT_CONFIGS,
+    BatchNormTokens,
+    ConvStem,
+    build_2d_sincos_position_embedding,
+    create_backbone,
+    stop_grad_conv1_,
+)
+from trainers.sync_batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 
 TEST = "vit_test_patch4_32"
 
@@ -163,3 +173,142 @@ def test_overrides_reach_timm():
     assert model.patch_embed.grid_size == (7, 7) and model.pos_embed.shape == (1, 50, 64)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 64)
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- ViT-BN
+
+
+def test_vit_bn_replaces_mlp_and_final_norms_only():
+    torch.manual_seed(0)
+    model = create_backbone(TEST, mlp_norm="bn")
+    for block in model.blocks:
+        assert isinstance(block.norm2, BatchNormTokens) and isinstance(block.norm2.bn, torch.nn.BatchNorm1d)
+        assert isinstance(block.norm1, torch.nn.LayerNorm)  # attention keeps its LayerNorm
+    assert isinstance(model.norm, BatchNormTokens)  # official --vit-bn: "in ViT MLP blocks and in the end"
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in (model.blocks[0].norm2, model.norm))
+
+    model.train()
+    x = images()
+    out = model(x)
+    assert out.shape == (4, 64)
+    out.square().mean().backward()
+    assert model.blocks[0].norm2.bn.weight.grad is not None and model.blocks[0].attn.qkv.weight.grad is not None
+    assert model.blocks[0].norm2.bn.num_batches_tracked.item() == 1
+    assert not torch.allclose(model.blocks[0].norm2.bn.running_mean, torch.zeros(64))
+
+    # Per channel, statistics over all B * N tokens: the output has zero mean / unit variance over them.
+    tokens = torch.randn(4, 65, 64) * 3 + 1
+    y = model.blocks[0].norm2(tokens).detach()
+    torch.testing.assert_close(y.mean(dim=(0, 1)), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(dim=(0, 1), unbiased=False), torch.ones(64), atol=1e-3, rtol=0)
+
+    model.eval()  # running statistics: each image's output no longer depends on the rest of the batch
+    torch.testing.assert_close(model(x)[:1], model(x[:1]))
+
+
+def test_vit_bn_survives_sync_batchnorm_conversion():
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(create_backbone(TEST, mlp_norm="bn"), torch.device("cpu"))
+    assert isinstance(model.blocks[0].norm2, BatchNormTokens) and isinstance(model.blocks[0].norm2.bn, GlobalBatchNorm)
+    assert model(images()).shape == (4, 64)
+
+
+def test_mlp_norm_validated_and_avg_pool_keeps_no_final_norm():
+    with pytest.raises(ValueError, match="mlp_norm"):
+        create_backbone(TEST, mlp_norm="gn")
+    model = create_backbone(TEST, mlp_norm="bn", global_pool="avg")
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.blocks[0].norm2, BatchNormTokens)
+
+
+# ---------------------------------------------------------------- conv stem
+
+
+def _stride_convs(stem: ConvStem) -> list[torch.nn.Conv2d]:
+    return [m for m in stem.proj if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+
+
+def test_conv_stem_total_stride_is_patch_size():
+    torch.manual_seed(0)
+    model = create_backbone(TEST, conv_stem=True)
+    stem = model.patch_embed
+    assert isinstance(stem, ConvStem)
+    convs = _stride_convs(stem)
+    assert len(convs) == 2 and math.prod(c.stride[0] for c in convs) == 4  # log2(4) stride-2 convs
+    assert [c.out_channels for c in convs] == [64 // 8, 64 // 4]
+    assert all(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.ReLU)) for m in stem.proj[1:3])
+    last = stem.proj[-1]
+    assert last.kernel_size == (1, 1) and last.out_channels == 64 and last.bias is not None
+    assert stem.grid_size == (8, 8) and stem.num_patches == 64 and model.pos_embed.shape == (1, 65, 64)
+    assert stem(images()).shape == (4, 64, 64)  # 8 x 8 tokens of dim 64
+    assert len(model.blocks) == VIT_CONFIGS[TEST]["depth"] - 1
+
+    x = images()
+    out = model(x)
+    assert out.shape == (4, 64)
+    out.square().mean().backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+    np.testing.assert_allclose(model.pos_embed.detach()[0].numpy(), sincos_reference(8, 8, 64), atol=1e-5)
+
+
+def test_conv_stem_init_linears_xavier_convs_default():
+    torch.manual_seed(0)
+    model = create_backbone(TEST, conv_stem=True, moco_init=True)
+    d = model.embed_dim
+    qkv = model.blocks[0].attn.qkv.weight.detach()
+    assert qkv.abs().max() <= math.sqrt(6 / (2 * d))
+    fc1 = model.blocks[0].mlp.fc1.weight
+    assert fc1.std().item() == pytest.approx(math.sqrt(2 / (d + 4 * d)), rel=0.05)
+    conv = model.patch_embed.proj[0]  # PyTorch default: kaiming_uniform(a=sqrt(5)), bound 1 / sqrt(fan_in)
+    assert conv.weight.abs().max() <= 1 / math.sqrt(3 * 9)
+
+
+def test_conv_stem_paper_vit_small_on_meta():
+    model = create_backbone("vit_small_patch16_224", conv_stem=True, device="meta")
+    convs = _stride_convs(model.patch_embed)
+    # Official vit_conv_small: 3 -> 48 -> 96 -> 192 -> 384, 1x1 384 -> 384, 11 blocks.
+    assert [c.out_channels for c in convs] == [48, 96, 192, 384] and model.patch_embed.proj[-1].in_channels == 384
+    assert len(model.blocks) == 11 and model.patch_embed.grid_size == (14, 14)
+
+
+def test_conv_stem_rejects_stop_grad_conv1_and_bad_patch():
+    with pytest.raises(ValueError, match="conv_stem"):
+        create_backbone(TEST, conv_stem=True, stop_grad_conv1=True)
+    with pytest.raises(ValueError, match="plain patch embedding"):
+        stop_grad_conv1_(create_backbone(TEST, conv_stem=True))
+    with pytest.raises(ValueError, match="power-of-2"):
+        create_backbone(TEST, conv_stem=True, img_size=36, patch_size=6)
+    with pytest.raises(ValueError, match="power-of-2"):
+        ConvStem(img_size=224, patch_size=7, embed_dim=64)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ConvStem(img_size=32, patch_size=4, embed_dim=60)
+
+
+# ---------------------------------------------------------------- ResNet-50
+
+
+def test_registry_lists_vits_and_resnet50():
+    assert (*VIT_CONFIGS, "resnet50") == BACKBONES
+    with pytest.raises(ValueError, match="resnet50"):
+        create_backbone("resnet5O")
+
+
+def test_resnet50_pooled_features():
+    torch.manual_seed(0)
+    model = create_backbone("resnet50")
+    assert model.num_features == 2048
+    model.eval()
+    with torch.no_grad():
+        out = model(images(2))
+    assert out.shape == (2, 2048)
+    # timm's zero_init_last == torchvision's zero_init_residual=True (official MoCo v3 ResNet).
+    assert torch.all(model.layer1[0].bn3.weight == 0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("pos_embed", "learned"), ("stop_grad_conv1", True), ("mlp_norm", "bn"), ("conv_stem", True),
+     ("global_pool", "token")],
+)
+def test_resnet50_rejects_vit_options(option, value):
+    with pytest.raises(ValueError, match=option):
+        create_backbone("resnet50", **{option: value})

@@ -37,7 +37,9 @@ def test_default_study_loads():
     ("section", "key", "value", "expected"),
     [
         ("train", "base_lrr", 1e-3, "unknown key 'base_lrr'; did you mean 'base_lr'?"),
-        ("train", "method", "swav", "train.method: 'swav' is not one of: moco_v3"),
+        ("train", "method", "swav", "train.method: 'swav' is not one of: moco_v3, byol, simclr"),
+        ("train", "optimizer", "sgd", "train.optimizer: 'sgd' is not one of: adamw, lars, lamb"),
+        ("train", "precision", "fp8", "train.precision: 'fp8' is not one of"),
         ("train", "backbone", "vit_gigantic", "train.backbone: 'vit_gigantic' is not one of"),
         ("train", "epochs", "three", "train.epochs: expected int, got 'three'"),
         ("train", "epochs", 0, "train.epochs: must be > 0"),
@@ -47,6 +49,7 @@ def test_default_study_loads():
         ("search", "space", {"base_lr": {"log": [0, 1e-4]}}, "base_lr.log: bounds must be > 0"),
         ("search", "space", {"base_lr": {"gauss": [0, 1]}}, "unknown distribution 'gauss'"),
         ("search", "space", {"learning_rate": {"log": [1e-4, 1e-3]}}, "unknown key 'learning_rate'"),
+        ("search", "space", {"method": {"choice": ["byol", "dino"]}}, "search.space.method: 'dino' is not one"),
         ("search", "metric", "accuracy", "search.metric: 'accuracy' is not one of"),
         ("scheduler", "type", "hyperband", "scheduler.type: 'hyperband' is not one of: asha, fifo"),
         ("", "dataset", "imagenet", "dataset: 'imagenet' is not one of: fashion_mnist"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass
 class TrainConfig:
@@ -15,7 +17,9 @@ class TrainConfig:
     method: str = "moco_v3"
     backbone: str = "vit_nano_patch4_32"
     stop_grad_conv1: bool = False  # frozen random patch projection (paper sec. 4.2); off in the official code
-    pos_embed: str = "sincos"
+    pos_embed: str = "sincos"  # sincos | learned | none
+    mlp_norm: str = "ln"  # ln | bn (ViT-BN)
+    conv_stem: bool = False
     # data: FFCV files written by data.convert; subsets keep CPU studies short (None: the whole split)
     train_path: str = ""
     test_path: str = ""
@@ -27,22 +31,29 @@ class TrainConfig:
     # optimisation: lr = base_lr * batch_size / 256, linear warmup then half-cosine (per iteration)
     epochs: int = 3
     batch_size: int = 128  # global, split evenly across workers
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | lars | lamb
     base_lr: float = 1.5e-4
     weight_decay: float = 0.1
+    exclude_1d: bool | None = None  # no decay for biases and norms; None: the optimiser's recipe
     warmup_epochs: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 (with a grad scaler) | fp32
+    compile: bool = False  # torch.compile the model
     # MoCo v3
     moco_m: float = 0.99  # m0 of the cosine momentum schedule towards 1
     temperature: float = 0.2
     dim: int = 256
     mlp_dim: int = 4096
-    # evaluation: weighted kNN on the eval split after every epoch
+    # evaluation: weighted kNN on the eval split after every epoch, and the paper's dense kNN monitor: every
+    # monitor_every steps, the batch's class tokens against a FIFO bank of recent training features
     knn_k: int = 20
     knn_t: float = 0.07
+    monitor_every: int = 10  # 0: off
+    monitor_bank: int = 4096  # the paper: 10% of the training set
     # run
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker
     checkpoint_every: int = 0  # epochs between checkpoints; 0: only at the end
+    export: bool = True  # the final checkpoint carries backbone.safetensors, loadable by timm
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -1,16 +1,19 @@
 """The training loop: one Ray Train worker function (Train V2 API), with per-step hooks.
 
-Each worker builds its loaders and model once, trains with DDP (gloo on CPU, NCCL on GPU), evaluates a
-weighted kNN on the eval split after every epoch and reports the epoch's metrics to Ray Train. Only rank
-0's metrics reach Tune, but every rank reports (a report is a barrier).
+Each worker builds its loaders and model once, trains with DDP (gloo on CPU, NCCL on GPU) and global-batch
+BatchNorm, feeds the dense kNN monitor from the features the method already computed, evaluates a weighted
+kNN on the eval split after every epoch and reports the epoch's metrics. Only rank 0's metrics reach Tune,
+but every rank reports (a report is a barrier).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,21 +28,25 @@ from data.convert import read_metadata
 from data.loaders import ViewRecipe, eval_loader, ssl_loader
 from trainers import distributed as dist
 from trainers.backbones import create_backbone
-from trainers.config import TrainConfig
+from trainers.config import PRECISIONS, TrainConfig
+from trainers.export import export_backbone
 from trainers.knn import knn_predict
-from trainers.methods import MoCoV3
+from trainers.methods import build_method
+from trainers.monitor import DenseKnnMonitor
+from trainers.optim import create_optimizer
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
 from trainers.sync_batchnorm import convert_sync_batchnorm
 
 
 @dataclass
 class StepState:
-    """What a per-step hook sees: after backward, before the optimiser step (gradients are live)."""
+    """What a per-step hook sees: after backward (gradients unscaled), before the optimiser step."""
 
     epoch: int
     step: int
     loss: torch.Tensor
     features: torch.Tensor
+    labels: torch.Tensor
     model: nn.Module
     lr: float
     moco_m: float
@@ -48,11 +55,14 @@ class StepState:
 StepHook = Callable[[StepState], None]
 
 
-def build_model(cfg: TrainConfig) -> MoCoV3:
-    if cfg.method != "moco_v3":
-        raise ValueError(f"method {cfg.method!r} is not available yet; accepted: 'moco_v3'")
-    backbone = create_backbone(cfg.backbone, stop_grad_conv1=cfg.stop_grad_conv1, pos_embed=cfg.pos_embed)
-    return MoCoV3(backbone, dim=cfg.dim, mlp_dim=cfg.mlp_dim, temperature=cfg.temperature)
+def backbone_options(cfg: TrainConfig) -> dict:
+    return {"stop_grad_conv1": cfg.stop_grad_conv1, "pos_embed": cfg.pos_embed, "mlp_norm": cfg.mlp_norm,
+            "conv_stem": cfg.conv_stem}
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    backbone = create_backbone(cfg.backbone, **backbone_options(cfg))
+    return build_method(cfg.method, backbone, dim=cfg.dim, mlp_dim=cfg.mlp_dim, temperature=cfg.temperature)
 
 
 def subset(n: int | None, total: int, seed: int) -> list[int] | None:
@@ -60,6 +70,15 @@ def subset(n: int | None, total: int, seed: int) -> list[int] | None:
     if n is None or n >= total:
         return None
     return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)).tolist()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. "auto": bf16 on GPU, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 @torch.no_grad()
@@ -82,64 +101,77 @@ def knn_top1(backbone: nn.Module, bank_loader, test_loader, num_classes: int, cf
     return (pred == labels).float().mean().item()
 
 
-def save_checkpoint(model: nn.Module, optimizer, epoch: int, knn_init: float, directory: Path) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "knn_top1_init": knn_init}
-    torch.save(state, directory / "state.pt")
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
-    """Train ``cfg`` on this worker; call inside a Ray Train worker (or a single plain process)."""
+    """Train ``cfg`` on this worker; call inside a Ray Train worker."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
     world, rank = dist.world_size(), dist.rank()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} does not divide by the {world} workers")
     device = ray.train.torch.get_device()
     sharded = world > 1
 
-    meta = read_metadata(Path(cfg.train_path))
+    # Loaders are built once and reused every epoch: each new one costs a numba compile.
+    train, test = Path(cfg.train_path), Path(cfg.test_path)
+    meta, test_count = read_metadata(train), read_metadata(test)["count"]
     views = (ViewRecipe(crop_min=cfg.crop_min),) * 2
-    train_loader = ssl_loader(Path(cfg.train_path), batch_size=cfg.batch_size // world, views=views,
-                              num_workers=cfg.loader_workers, seed=cfg.seed, distributed=sharded,
-                              indices=subset(cfg.train_subset, meta["count"], cfg.seed), device=device)
-    bank_loader = eval_loader(Path(cfg.train_path), batch_size=256, num_workers=cfg.loader_workers,
-                              distributed=sharded, device=device,
-                              indices=subset(cfg.knn_bank_subset, meta["count"], cfg.seed + 1))
-    test_meta = read_metadata(Path(cfg.test_path))
-    test_loader = eval_loader(Path(cfg.test_path), batch_size=256, num_workers=cfg.loader_workers,
-                              distributed=sharded, device=device,
-                              indices=subset(cfg.knn_eval_subset, test_meta["count"], cfg.seed + 2))
+    common = {"num_workers": cfg.loader_workers, "distributed": sharded, "device": device}
+    train_loader = ssl_loader(train, batch_size=cfg.batch_size // world, views=views, seed=cfg.seed,
+                              indices=subset(cfg.train_subset, meta["count"], cfg.seed), **common)
+    bank_loader = eval_loader(train, batch_size=256, crop_ratio=1.0,
+                              indices=subset(cfg.knn_bank_subset, meta["count"], cfg.seed + 1), **common)
+    test_loader = eval_loader(test, batch_size=256, crop_ratio=1.0,
+                              indices=subset(cfg.knn_eval_subset, test_count, cfg.seed + 2), **common)
+    torch.set_num_threads(cfg.threads)  # FFCV sets it to its worker count when a loader is built
 
     net = build_model(cfg).to(device)
     model: nn.Module = net
     if sharded:
         net = convert_sync_batchnorm(net, device)
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    backbone = net.backbone
-    params = [p for p in net.parameters() if p.requires_grad]
+    if cfg.compile:
+        model = torch.compile(model)
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=cfg.weight_decay)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer = create_optimizer(net, cfg.optimizer, peak_lr, cfg.weight_decay, exclude_1d=cfg.exclude_1d)
+    dtype = autocast_dtype(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    monitor = DenseKnnMonitor(cfg.monitor_bank, meta["num_classes"], cfg.monitor_every, k=cfg.knn_k,
+                              temperature=cfg.knn_t) if cfg.monitor_every else None
 
     start_epoch, knn_init = 0, math.nan
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, knn_init = state["epoch"] + 1, state.get("knn_top1_init", math.nan)
+            saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        if monitor is not None:
+            monitor.load_state_dict(saved["monitor"])
+        set_rng_state(saved["rng"])
+        start_epoch, knn_init = saved["epoch"] + 1, saved["knn_top1_init"]
     else:
-        knn_init = knn_top1(backbone, bank_loader, test_loader, meta["num_classes"], cfg)
+        knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)
 
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        loss_sum, seen, tic = torch.zeros((), device=device), 0, time.perf_counter()
-        for i, (x1, x2, _) in enumerate(train_loader):
+        loss_sum, dense, seen, tic = torch.zeros((), device=device), [], 0, time.perf_counter()
+        for i, (x1, x2, y) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
@@ -148,33 +180,43 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             with autocast:
                 loss, features = model(x1, x2, moco_m)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state = StepState(epoch, step, loss.detach(), features, model, lr, moco_m)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             for hook in hooks:
-                hook(state)
-            optimizer.step()
+                hook(StepState(epoch, step, loss.detach(), features, y, model, lr, moco_m))
+            scaler.step(optimizer)
+            scaler.update()
+            if monitor is not None and (acc := monitor.update(step, features.float(), y)) is not None:
+                dense.append(acc)
             loss_sum += loss.detach()
             seen += x1.shape[0]
         train_time = time.perf_counter() - tic
-        acc = knn_top1(backbone, bank_loader, test_loader, meta["num_classes"], cfg)
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum.item() / steps_per_epoch,
             "lr": lr,
             "moco_m": moco_m,
-            "knn_top1": acc,
+            "knn_top1": knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg),
             "knn_top1_init": knn_init,
+            "dense_knn_last": dense[-1] if dense else math.nan,
+            "dense_knn_min": min(dense) if dense else math.nan,
             "images_per_s": seen * world / train_time,
             "step_time_s": train_time / steps_per_epoch,
         }
         last = epoch + 1 == cfg.epochs
         due = last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            saved = None
             if due and rank == 0:
-                save_checkpoint(net, optimizer, epoch, knn_init, Path(tmp))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "monitor": monitor.state_dict() if monitor else None,
+                         "rng": rng_state(), "epoch": epoch, "step": step, "knn_top1_init": knn_init}
+                torch.save(state, Path(tmp) / "state.pt")
+                if last and cfg.export:
+                    export_backbone(net.backbone, cfg.backbone, Path(tmp) / "backbone.safetensors",
+                                    **backbone_options(cfg))
+                saved = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=saved)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -9,13 +9,16 @@ from torch import Tensor, nn
 
 from trainers.heads import mlp
 from trainers.losses import CtrLoss
+from trainers.methods.momentum import ema_update_
 
 
 class MoCoV3(nn.Module):
     """Base encoder f_q = predictor(projector(backbone)), momentum encoder f_k = EMA of backbone + projector.
 
     The loss is ctr(q1, k2) + ctr(q2, k1) (summed, Algorithm 1). No queue: the negatives are the other keys
-    of the global batch. Heads follow the ViT recipe (3-layer projector, 2-layer predictor, both last BN).
+    of the global batch. The defaults are the ViT head recipe (3-layer projector, 2-layer predictor, both with
+    last BN); the ResNet recipe is ``proj_layers=2, pred_layers=2, pred_last_bn=False`` (the projector keeps its
+    last BN in both). ``trainers.methods.build_method`` picks the recipe from the backbone.
     """
 
     def __init__(
@@ -27,36 +30,21 @@ class MoCoV3(nn.Module):
         temperature: float = 0.2,
         proj_layers: int = 3,
         pred_layers: int = 2,
+        pred_last_bn: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = mlp(proj_layers, backbone.num_features, mlp_dim, dim, last_bn=True)
-        self.predictor = mlp(pred_layers, dim, mlp_dim, dim, last_bn=True)
+        self.predictor = mlp(pred_layers, dim, mlp_dim, dim, last_bn=pred_last_bn)
         # Momentum copies start equal to the base and are only ever changed by update_momentum.
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = CtrLoss(temperature)
 
-    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Trainable base parameters of backbone + projector and their momentum twins."""
-        base = [*self.backbone.parameters(), *self.projector.parameters()]
-        momentum = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
-        pairs = [(p, pm) for p, pm in zip(base, momentum, strict=True) if p.requires_grad]
-        return [p for p, _ in pairs], [pm for _, pm in pairs]
-
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
-        """p_m <- m * p_m + (1 - m) * p over backbone + projector parameters.
-
-        Parameters only, as in the official ``_update_momentum_encoder``: the momentum BN running statistics
-        are its own (updated by its forward passes in train mode), not an EMA of the base's.
-        Frozen base parameters (sin-cos embedding, stop-grad patch projection) are skipped: they equal their
-        twins, as an exact EMA would keep them, whereas m * x + (1 - m) * x in float32 drifts by rounding
-        (~1e-4 after 20k steps).
-        """
-        base, momentum = self._pairs()
-        torch._foreach_mul_(momentum, m)  # one fused kernel per dtype/device instead of two per tensor
-        torch._foreach_add_(momentum, base, alpha=1.0 - m)
+        """p_m <- m * p_m + (1 - m) * p over backbone + projector parameters (see ``ema_update_``)."""
+        ema_update_((self.backbone, self.projector), (self.momentum_backbone, self.momentum_projector), m)
 
     def forward(self, x1: Tensor, x2: Tensor, moco_m: float) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.

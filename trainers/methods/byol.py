@@ -1,0 +1,61 @@
+"""BYOL (Grill et al. 2020, arXiv 2006.07733), as the MoCo v3 paper ran it with ViT (arXiv 2104.02057, Table 4)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from trainers.heads import mlp
+from trainers.losses import ByolLoss
+from trainers.methods.momentum import ema_update_
+
+
+class BYOL(nn.Module):
+    """Online network p = predictor(projector(backbone)), target network z = EMA of backbone + projector.
+
+    The loss is L(p1, z2) + L(p2, z1) with L = 2 - 2 cos (paper eq. 2, symmetrised by summing). The target has no
+    predictor and gets no gradient. Heads have BN in their hidden layers only (``last_bn=False``), as in BYOL.
+    ``moco_m`` is the target decay rate tau (the trainer's cosine schedule from tau0 towards 1).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        proj_layers: int = 2,
+        pred_layers: int = 2,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp(proj_layers, backbone.num_features, mlp_dim, dim, last_bn=False)
+        self.predictor = mlp(pred_layers, dim, mlp_dim, dim, last_bn=False)
+        # Target copies start equal to the online network and are only ever changed by update_momentum.
+        self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.criterion = ByolLoss()
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """xi <- m * xi + (1 - m) * theta over backbone + projector parameters (see ``ema_update_``)."""
+        ema_update_((self.backbone, self.projector), (self.target_backbone, self.target_projector), m)
+
+    def forward(self, x1: Tensor, x2: Tensor, moco_m: float) -> tuple[Tensor, Tensor]:
+        """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
+
+        The target is updated first (with the current online weights), as MoCo v3 does for its momentum encoder,
+        so that every method of the study follows one order. The two views pass separately (per-view BN
+        statistics).
+        """
+        self.update_momentum(moco_m)
+        h1 = self.backbone(x1)
+        p1 = self.predictor(self.projector(h1))
+        p2 = self.predictor(self.projector(self.backbone(x2)))
+        with torch.no_grad():
+            z1 = self.target_projector(self.target_backbone(x1))
+            z2 = self.target_projector(self.target_backbone(x2))
+        loss = self.criterion(p1, z2) + self.criterion(p2, z1)
+        return loss, h1.detach()
