@@ -15,7 +15,8 @@ from ray.tune import ResultGrid
 
 from study.spec import StudySpec
 
-EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_init", "images_per_s", "step_time_s")
+EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_init", "dense_knn_last", "dense_knn_min",
+                 "images_per_s", "step_time_s")
 
 
 def trial_status(result, epochs: int) -> str:

@@ -55,6 +55,8 @@ def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     s = spec.search
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "grid":  # ablations: every combination of the choice lists, in a seeded order
+        return optuna.samplers.GridSampler({p.name: list(p.args) for p in spec.params}, seed=s.seed)
     # Optuna 5's defaults change with releases: say every setting that matters.
     return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
 

@@ -22,7 +22,7 @@ from trainers.config import TrainConfig
 DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
 DATASETS = ("fashion_mnist",)
 METRICS = ("knn_top1", "loss")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 
 
@@ -173,6 +173,11 @@ def validate(spec: StudySpec) -> StudySpec:
         for value in param.args if param.kind == "choice" else ():
             if param.name in choices:
                 _one_of(value, choices[param.name], f"{src}: search.space.{param.name}")
+    if s.sampler == "grid":
+        for param in spec.params:
+            if param.kind != "choice":
+                raise SpecError(f"{src}: search.space.{param.name}: the grid sampler needs choice lists, "
+                                f"got a {param.kind} range; use {{choice: [...]}} or sampler tpe/random")
     _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
     _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
     if not spec.name or "/" in spec.name:

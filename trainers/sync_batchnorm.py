@@ -8,12 +8,17 @@ fused SyncBatchNorm.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainers.distributed import world_size
+
+# The autograd-aware all_reduce is deprecated in favour of a private module; it is the public one that works.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
 
 
 class GlobalBatchNorm(_BatchNorm):
