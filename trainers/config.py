@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker
     checkpoint_every: int = 0  # epochs between checkpoints; 0: only at the end
+    resume_from: str = ""  # a checkpoint directory to continue from when the run has none of its own
     export: bool = True  # the final checkpoint carries backbone.safetensors, loadable by timm
 
     @classmethod

@@ -151,7 +151,8 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
                               temperature=cfg.knn_t) if cfg.monitor_every else None
 
     start_epoch, knn_init = 0, math.nan
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restarted trial) wins over an explicit one to start from.
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
