@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 from ray.tune import ResultGrid
 
 from study.spec import StudySpec
+from trainers.signals import SUMMARY_KEYS
 
-EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_init", "dense_knn_last", "dense_knn_min",
-                 "images_per_s", "step_time_s")
+EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_k200", "knn_top1_init", "dense_knn_last",
+                 "dense_knn_min", "online_probe_top1", "images_per_s", "step_time_s", *SUMMARY_KEYS)
 
 
 def trial_status(result, epochs: int) -> str:

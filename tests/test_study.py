@@ -62,6 +62,8 @@ def test_epoch_table_has_one_row_per_reported_epoch(finished):
     assert all(r["images_per_s"] > 0 and 0 < r["moco_m"] <= 1 for r in epochs)
     assert all(0 <= r["dense_knn_min"] <= r["dense_knn_last"] <= 1 or math.isnan(r["dense_knn_last"])
                for r in epochs)
+    # the instability summary of every epoch reaches the table
+    assert all(r["spike_count"] >= 0 and r["nonfinite"] == 0 and 0 < r["collapse_std_min"] < 1 for r in epochs)
 
 
 def test_optuna_storage_agrees_with_results(finished):

@@ -49,6 +49,8 @@ class TrainConfig:
     knn_t: float = 0.07
     monitor_every: int = 10  # 0: off
     monitor_bank: int = 4096  # the paper: 10% of the training set
+    online_probe: bool = False  # a Linear head trained on detached features during pretraining
+    signals_every: int = 1  # instability signals (per-layer gradient norms, spikes, collapse) every N steps; 0: off
     # run
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker

@@ -31,10 +31,12 @@ from trainers.backbones import create_backbone
 from trainers.config import PRECISIONS, TrainConfig
 from trainers.export import export_backbone
 from trainers.knn import knn_predict
+from trainers.linear_probe import OnlineLinearProbe
 from trainers.methods import build_method
 from trainers.monitor import DenseKnnMonitor
 from trainers.optim import create_optimizer
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
+from trainers.signals import InstabilityMonitor
 from trainers.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -91,14 +93,18 @@ def extract(backbone: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return dist.gather_uneven(torch.cat(feats)), dist.gather_uneven(torch.cat(labels))
 
 
-def knn_top1(backbone: nn.Module, bank_loader, test_loader, num_classes: int, cfg: TrainConfig) -> float:
+def knn_top1(backbone: nn.Module, bank_loader, test_loader, num_classes: int, cfg: TrainConfig) -> dict:
+    """Weighted kNN top-1 on the eval split: ``knn_top1`` at k = cfg.knn_k, ``knn_top1_k200`` at k = 200."""
     was_training = backbone.training
     backbone.eval()
     bank, bank_labels = extract(backbone, bank_loader)
     feats, labels = extract(backbone, test_loader)
     backbone.train(was_training)
-    pred = knn_predict(feats, bank, bank_labels, num_classes, k=cfg.knn_k, temperature=cfg.knn_t)
-    return (pred == labels).float().mean().item()
+    accuracy = {}
+    for key, k in (("knn_top1", cfg.knn_k), ("knn_top1_k200", 200)):
+        pred = knn_predict(feats, bank, bank_labels, num_classes, k=min(k, len(bank)), temperature=cfg.knn_t)
+        accuracy[key] = (pred == labels).float().mean().item()
+    return accuracy
 
 
 def rng_state() -> dict:
@@ -149,6 +155,9 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     monitor = DenseKnnMonitor(cfg.monitor_bank, meta["num_classes"], cfg.monitor_every, k=cfg.knn_k,
                               temperature=cfg.knn_t) if cfg.monitor_every else None
+    signals = InstabilityMonitor(every=cfg.signals_every) if cfg.signals_every else None
+    hooks = (*hooks, signals) if signals is not None else tuple(hooks)
+    probe = OnlineLinearProbe(net.backbone.num_features, meta["num_classes"]).to(device) if cfg.online_probe else None
 
     start_epoch, knn_init = 0, math.nan
     # The run's own latest checkpoint (a restarted trial) wins over an explicit one to start from.
@@ -161,17 +170,22 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
         scaler.load_state_dict(saved["scaler"])
         if monitor is not None:
             monitor.load_state_dict(saved["monitor"])
+        if signals is not None:
+            signals.load_state_dict(saved["signals"])
+        if probe is not None:
+            probe.load_state_dict(saved["probe"])
+            probe.optimizer.load_state_dict(saved["probe_optimizer"])
         set_rng_state(saved["rng"])
         start_epoch, knn_init = saved["epoch"] + 1, saved["knn_top1_init"]
     else:
-        knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)
+        knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)["knn_top1"]
 
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        loss_sum, dense, seen, tic = torch.zeros((), device=device), [], 0, time.perf_counter()
+        loss_sum, dense, probed, seen, tic = torch.zeros((), device=device), [], [], 0, time.perf_counter()
         for i, (x1, x2, y) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr)
@@ -189,6 +203,11 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             scaler.update()
             if monitor is not None and (acc := monitor.update(step, features.float(), y)) is not None:
                 dense.append(acc)
+                if signals is not None:
+                    signals.on_dense_knn(step, epoch, acc)
+            if probe is not None:  # accuracy on the batch before the probe trains on it
+                probed.append(probe.accuracy(features, y))
+                probe.step(features, y)
             loss_sum += loss.detach()
             seen += x1.shape[0]
         train_time = time.perf_counter() - tic
@@ -197,13 +216,17 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             "loss": loss_sum.item() / steps_per_epoch,
             "lr": lr,
             "moco_m": moco_m,
-            "knn_top1": knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg),
+            **knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg),
             "knn_top1_init": knn_init,
+            "online_probe_top1": sum(probed) / len(probed) if probed else math.nan,
             "dense_knn_last": dense[-1] if dense else math.nan,
             "dense_knn_min": min(dense) if dense else math.nan,
             "images_per_s": seen * world / train_time,
             "step_time_s": train_time / steps_per_epoch,
         }
+        if signals is not None:  # instability summary of the epoch (trainers/signals.py)
+            signals.on_epoch_knn(step, epoch, metrics["knn_top1"])
+            metrics.update(signals.epoch_summary())
         last = epoch + 1 == cfg.epochs
         due = last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
         with tempfile.TemporaryDirectory() as tmp:
@@ -211,6 +234,9 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             if due and rank == 0:
                 state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "monitor": monitor.state_dict() if monitor else None,
+                         "probe": probe.state_dict() if probe else None,
+                         "signals": signals.state_dict() if signals else None,
+                         "probe_optimizer": probe.optimizer.state_dict() if probe else None,
                          "rng": rng_state(), "epoch": epoch, "step": step, "knn_top1_init": knn_init}
                 torch.save(state, Path(tmp) / "state.pt")
                 if last and cfg.export:
