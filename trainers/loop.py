@@ -177,6 +177,7 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             probe.optimizer.load_state_dict(saved["probe_optimizer"])
         set_rng_state(saved["rng"])
         start_epoch, knn_init = saved["epoch"] + 1, saved["knn_top1_init"]
+        train_loader.next_epoch = start_epoch  # FFCV seeds each epoch's order with its epoch counter
     else:
         knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)["knn_top1"]
 
