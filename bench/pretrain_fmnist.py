@@ -30,17 +30,12 @@ from trainers.config import TrainConfig
 from trainers.export import load_exported
 from trainers.knn import knn_accuracy
 from trainers.linear_probe import linear_probe
-from trainers.loop import train_loop_per_worker
+from trainers.loop import extract, train_loop_per_worker
 
 
-@torch.no_grad()
 def features(backbone: torch.nn.Module, path: Path, indices) -> tuple[torch.Tensor, torch.Tensor]:
     backbone.eval()
-    feats, labels = [], []
-    for x, y in eval_loader(path, batch_size=512, crop_ratio=1.0, num_workers=2, indices=indices):
-        feats.append(backbone(x))
-        labels.append(y.clone())
-    return torch.cat(feats), torch.cat(labels)
+    return extract(backbone, eval_loader(path, batch_size=512, crop_ratio=1.0, num_workers=2, indices=indices))
 
 
 def knn(backbone, paths, bank_idx, test_idx) -> float:
