@@ -25,6 +25,7 @@ import trainers  # noqa: F401  (compat shim before timm)
 from data.convert import convert_fashion_mnist
 from data.fashion_mnist import load_fashion_mnist
 from data.loaders import eval_loader
+from study import runner
 from trainers.backbones import create_backbone
 from trainers.config import TrainConfig
 from trainers.export import load_exported
@@ -60,8 +61,7 @@ def main() -> None:
     cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr,
                       mlp_dim=1024, train_subset=args.train_subset, knn_bank_subset=5000, knn_eval_subset=2000,
                       train_path=str(paths["train"]), test_path=str(paths["test"]), warmup_epochs=1)
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    runner.start_ray(None, num_cpus=2)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         result = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.as_dict(),

@@ -15,7 +15,10 @@ from ffcv.writer import DatasetWriter
 from data.fashion_mnist import CLASSES, FASHION_MNIST_DIR, SPLITS, load_fashion_mnist, split_files
 
 FORMAT_VERSION = 1
-WRITE_MODES = ("raw", "jpg")
+WRITE_MODES = ("raw", "jpg", "smart")
+# "smart" stores an image as JPEG when its raw pixels take more than this many bytes (FFCV's smart_threshold),
+# raw otherwise: small images (32 px) stay bit-exact, photographs are compressed.
+SMART_THRESHOLD = 96 * 96 * 3
 _MIN_PAGE_SIZE = 8 << 20  # FFCV's default page size
 
 
@@ -88,13 +91,13 @@ def _page_size(image_bytes: int) -> int:
     return max(_MIN_PAGE_SIZE, 1 << (2 * image_bytes).bit_length())
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
     """A hidden name in the same folder (so os.replace is atomic) that no '*.beton' glob matches."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
@@ -105,7 +108,7 @@ def _write_json_atomic(data: dict, path: Path) -> None:
 
 def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: str, classes: Sequence[str],
                 write_mode: str = "raw", jpeg_quality: int = 90, num_workers: int = 2,
-                checksum: str | None = None) -> Path:
+                checksum: str | None = None, smart_threshold: int = SMART_THRESHOLD) -> Path:
     """Write uint8 [N, H, H, 3] images and integer labels to an FFCV file with fields ``image`` and ``label``.
 
     The .beton is written under a temporary name and renamed onto ``path`` only when complete; the metadata
@@ -119,9 +122,10 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: s
     mean, std = channel_stats(images)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = path.with_suffix(".json")
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=resolution, jpeg_quality=jpeg_quality),
+        "image": RGBImageField(write_mode=write_mode, max_resolution=resolution, jpeg_quality=jpeg_quality,
+                               smart_threshold=smart_threshold),
         "label": IntField(),
     }
     try:
@@ -150,6 +154,16 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: s
     return path
 
 
+def replace_beton(tmp: Path, path: Path, metadata: dict) -> Path:
+    """Move the complete temporary FFCV file ``tmp`` onto ``path``, then write its metadata JSON (both atomic;
+    the old JSON goes first, so no JSON ever describes a file it does not match)."""
+    meta_path = path.with_suffix(".json")
+    meta_path.unlink(missing_ok=True)
+    os.replace(tmp, path)
+    _write_json_atomic({**metadata, "format_version": FORMAT_VERSION}, meta_path)
+    return path
+
+
 def read_metadata(beton: Path) -> dict:
     """The metadata JSON written next to ``beton`` by write_beton."""
     meta_path = Path(beton).with_suffix(".json")
@@ -170,7 +184,7 @@ def file_checksum(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-def _up_to_date(beton: Path, checksum: str, write_mode: str) -> bool:
+def up_to_date(beton: Path, checksum: str, write_mode: str) -> bool:
     """True when ``beton`` exists and its metadata says it came from these sources in this mode."""
     try:
         meta = read_metadata(beton)
@@ -193,7 +207,7 @@ def convert_fashion_mnist(out_dir: Path, *, root: Path = FASHION_MNIST_DIR,
         sources = split_files(split, root)
         checksum = file_checksum(*sources)
         beton = out_dir / f"fashion_mnist_{split}.beton"
-        if not _up_to_date(beton, checksum, write_mode):
+        if not up_to_date(beton, checksum, write_mode):
             images, labels = load_fashion_mnist(split, root)
             write_beton(to_rgb32(images), labels, beton, source=f"fashion-mnist {split} ({sources[0].name})",
                         classes=CLASSES, write_mode=write_mode, checksum=checksum)

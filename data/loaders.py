@@ -4,56 +4,40 @@ Two things every caller must know about FFCV loaders:
 
 - Batches live in buffers that FFCV reuses a few batches later: clone anything kept beyond the next batch
   (kNN banks, labels collected over an epoch).
-- numba compiles the pipelines when a loader is first iterated (about 17 s for two 32 px views on 2 cores,
-  paid again by every new loader, never cached on disk): build each loader once per process and iterate
-  the same loader every epoch.
+- numba compiles the pipelines when a loader is first iterated, paid again by every new loader: build each
+  loader once per process and iterate the same loader every epoch. The augmentation loops and kernels are
+  cached on disk (data/augment.py), so only the decoders and FFCV's glue compile per loader.
 - FFCV sets torch's intra-op thread count to ``num_workers`` whenever a loader is built or iterated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from data import augment as A
 from data.convert import read_metadata
+from data.recipes import MOCO_V3_VIEWS, ViewRecipe, views_for
+
+__all__ = ["MOCO_V3_VIEWS", "ViewRecipe", "eval_loader", "ssl_loader", "view_ops", "views_for"]
 
 
-@dataclass(frozen=True)
-class ViewRecipe:
-    """How one augmented view of an image is made (colour jitter, blur and solarize will join here)."""
+def _normalize(meta: dict) -> Operation:
+    """uint8 HWC -> float32 normalised with the dataset's own statistics (the metadata JSON's mean / std).
 
-    crop_min: float = 0.08  # RandomResizedCrop scale=(crop_min, 1); 0.08 for ViT in MoCo v3
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.crop_min <= 1:
-            raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
-        if not 0 <= self.flip_p <= 1:
-            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
-
-
-MOCO_V3_VIEWS: tuple[ViewRecipe, ViewRecipe] = (ViewRecipe(), ViewRecipe())
-
-
-def _normalize(meta: dict) -> NormalizeImage:
-    """FFCV's NormalizeImage with the dataset's own statistics.
-
-    On a CPU pipeline it is a numba op on uint8 HWC arrays, so it must come before ToTensor (its GPU variant
-    needs cupy, which is not installed); it turns uint8 into float32 in the same pass.
+    A numba op on the CPU, so it comes before ToTensor (FFCV's GPU variant needs cupy, not installed here).
     """
-    mean, std = (np.asarray(meta[k], dtype=np.float32) for k in ("mean", "std"))
-    return NormalizeImage(mean, std, np.float32)
+    return A.Normalize(meta["mean"], meta["std"])
 
 
 def _to_device(device: torch.device) -> list[Operation]:
@@ -89,6 +73,31 @@ def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indice
         raise RuntimeError("distributed=True shards by torch.distributed rank: init the process group first")
 
 
+def view_ops(recipe: ViewRecipe, view: int, resolution: int, meta: dict,
+             device: torch.device | str = "cpu") -> list[Operation]:
+    """The FFCV operations of one view (decoder first), in ViewRecipe's order; ops with p = 0 are left out.
+
+    Fresh operation objects every call: FFCV keys graph nodes by operation instance. ``view`` (0-based)
+    salts every random draw, so two views of one image differ and each is a pure function of
+    (seed, epoch, sample index, view): see data/augment.py.
+    """
+    r, device = recipe, torch.device(device)
+    ops: list[Operation] = [A.SeededRandomResizedCrop((resolution, resolution), (r.crop_min, r.crop_max),
+                                                      (r.ratio_min, r.ratio_max), A.salt(view, A.OP_CROP))]
+    if r.flip_p > 0:
+        ops.append(A.RandomFlip(r.flip_p, A.salt(view, A.OP_FLIP)))
+    if r.jitter_p > 0 and max(r.brightness, r.contrast, r.saturation, r.hue) > 0:
+        ops.append(A.RandomColorJitter(r.jitter_p, r.brightness, r.contrast, r.saturation, r.hue,
+                                       A.salt(view, A.OP_JITTER)))
+    if r.grayscale_p > 0:
+        ops.append(A.RandomGrayscale(r.grayscale_p, A.salt(view, A.OP_GRAY)))
+    if r.blur_p > 0:
+        ops.append(A.RandomGaussianBlur(r.blur_p, r.blur_sigma_min, r.blur_sigma_max, A.salt(view, A.OP_BLUR)))
+    if r.solarize_p > 0:
+        ops.append(A.RandomSolarize(r.solarize_p, r.solarize_threshold, A.salt(view, A.OP_SOLARIZE)))
+    return [*ops, _normalize(meta), *_to_torch(device)]
+
+
 def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOCO_V3_VIEWS,
                resolution: int | None = None, num_workers: int = 2, seed: int = 0, distributed: bool = False,
                indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
@@ -96,10 +105,11 @@ def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOC
     """Multi-view loader over the FFCV file ``path``: each batch is ``(view_1, ..., view_n, label)``.
 
     Views are float32 [B, 3, R, R] tensors in channels_last memory format on ``device``, normalised with
-    the mean/std of the metadata JSON next to ``path``; each is an independent RandomResizedCrop + flip of
-    the same images. ``label`` is int64 [B]. ``resolution`` R defaults to the file's. The order is random,
-    reshuffled every epoch and determined by ``seed`` and the epoch number; the augmentations are not (FFCV
-    draws them from numba's per-thread generators, seeded from OS entropy). ``indices`` restricts the
+    the mean/std of the metadata JSON next to ``path``; view i follows ``views[i]`` (default: MoCo v3's
+    asymmetric pair; see data.recipes.views_for), every random choice made per image. ``label`` is int64
+    [B]. ``resolution`` R defaults to the file's. The order is random, reshuffled every epoch; order and
+    views are both determined by ``seed``, the epoch number (``loader.next_epoch``, settable on resume) and
+    the sample index, so the same seed gives the same batches (data/augment.py). ``indices`` restricts the
     loader to a subset; ``distributed=True`` gives each torch.distributed rank a disjoint shard (padded by
     repetition to equal length, as torch's DistributedSampler does).
 
@@ -115,25 +125,17 @@ def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOC
     _check_args(path, meta, batch_size, resolution, indices, distributed)
     device = torch.device(device)  # FFCV's graph reads device.type, so a plain string breaks it
 
-    def view_ops(recipe: ViewRecipe) -> list[Operation]:
-        # Fresh operation objects per view: FFCV keys graph nodes by operation instance.
-        return [
-            RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(recipe.crop_min, 1.0)),
-            RandomHorizontalFlip(recipe.flip_p),
-            _normalize(meta),
-            *_to_torch(device),
-        ]
-
     # FFCV 1.0.2 outputs the file's own fields first (image, label), then extra pipelines in insertion
     # order. Disabling "label" and re-adding it last as "target" puts the label after all the views.
-    pipelines: dict[str, list[Operation] | PipelineSpec | None] = {"image": view_ops(views[0]), "label": None}
-    for i, recipe in enumerate(views[1:], start=2):
-        decoder, *transforms = view_ops(recipe)
-        pipelines[f"image_{i}"] = PipelineSpec("image", decoder=decoder, transforms=transforms)
+    pipelines: dict[str, list[Operation] | PipelineSpec | None] = {
+        "image": view_ops(views[0], 0, resolution, meta, device), "label": None}
+    for i, recipe in enumerate(views[1:], start=1):
+        decoder, *transforms = view_ops(recipe, i, resolution, meta, device)
+        pipelines[f"image_{i + 1}"] = PipelineSpec("image", decoder=decoder, transforms=transforms)
     pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(), transforms=_label_ops(device))
-    return Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
-                  seed=seed, distributed=distributed, indices=indices, pipelines=pipelines,
-                  drop_last=drop_last)
+    return A.SeededLoader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
+                          seed=seed, distributed=distributed, indices=indices, pipelines=pipelines,
+                          drop_last=drop_last)
 
 
 def eval_loader(path: Path, *, batch_size: int, resolution: int | None = None, crop_ratio: float = 224 / 256,

@@ -1,53 +1,282 @@
-"""The ``ssl-study`` command line."""
+"""The ``ssl-study`` command line.
+
+    ssl-study launch [SPEC] [--dry-run] [--address ADDR]     run a study (default: the bundled one)
+    ssl-study resume NAME                                      continue an interrupted study
+    ssl-study extend NAME --trials N                           add trials, warm-started from the Optuna storage
+    ssl-study status NAME                                      trials by status, best so far, running ones
+    ssl-study best NAME                                        config, metrics and checkpoint of the best trial
+    ssl-study results NAME|ROOT [--where EXPR] [--sort COL] [--columns ...] [--format table|csv|json|parquet]
+    ssl-study report NAME [--params A B]                       PNG figures and an HTML page of the results
+    ssl-study submit SPEC --address http://HEAD:8265           run a study on a cluster as a Ray Job
+    ssl-study convert SOURCE OUT [--write-mode ...]            an image folder or built-in set -> FFCV files
+
+NAME is a study directory or a study name under ``--storage`` (default ``runs``). Bad input exits with code 2
+and a one-line message naming the file, key or value, before any Ray resource is spent.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from pathlib import Path
 
-from study.spec import DEFAULT_STUDY, SpecError, load_spec
+from study.spec import DEFAULT_STUDY, SpecError, StudySpec, load_spec
 
-SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss",
+SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss", "verdict",
            "time_total_s"]
+
+
+def describe(spec: StudySpec, address: str | None) -> str:
+    """The resolved study, as ``launch --dry-run`` prints it."""
+    from search_spaces import flatten
+    from study import runner
+
+    def space(params, indent="    ") -> list[str]:
+        lines = []
+        for p in params:
+            lines.append(f"{indent}{p.name} ~ {p.kind} {list(p.args)}")
+            for value, branch in p.when:
+                lines.append(f"{indent}  when {p.name} = {value}:")
+                lines += space(branch, indent + "    ")
+        return lines
+
+    r, s, cfg = spec.resources, spec.search, spec.train_config()
+    need = r.per_trial()
+    if s.max_concurrent is not None:
+        concurrency = f"{s.max_concurrent} at a time"
+    elif address:
+        concurrency = "as many at a time as the cluster holds (counted when it joins)"
+    else:
+        concurrency = f"{runner.concurrency(spec, runner.local_nodes())} at a time (what this machine holds)"
+    tune_note = f"; searching {', '.join(p.name for p in flatten(spec.params))}" if spec.params else ""
+    return "\n".join([
+        f"study {spec.name} from {spec.source}" + (f" (preset {spec.preset})" if spec.preset else ""),
+        f"  train: {cfg.method} on {cfg.backbone}, {spec.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size} "
+        f"({cfg.batch_size // r.workers} per worker), {cfg.optimizer}{tune_note}",
+        "  space:", *space(spec.params),
+        f"  search: {s.sampler} (seed {s.seed}) for {s.metric} ({s.mode}), {s.num_samples} trials, {concurrency}",
+        f"  scheduler: {spec.scheduler.type}" + (f" (grace {spec.scheduler.grace_period} epochs, reduction "
+                                                 f"{spec.scheduler.reduction_factor})"
+                                                 if spec.scheduler.type == "asha" else ""),
+        f"  stopping: {spec.stopping.mode} (grace {spec.stopping.grace_epochs} epochs, spikes > "
+        f"{spec.stopping.spike_threshold:g}x median, at most {spec.stopping.max_spikes} per epoch, kNN drop "
+        f"<= {spec.stopping.max_knn_drop:g})",
+        f"  per trial: {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) + "
+        f"{r.driver_cpus:g} CPU driver = {need['CPU']:g} CPU, {need['GPU']:g} GPU",
+        f"  results: {spec.study_dir} (results/*.parquet, train/<trial>/ checkpoints)",
+        f"  optuna:  {runner.optuna_url(spec)}",
+        f"  ray:     {address or 'a local Ray started in this process'}",
+    ])
+
+
+def print_summary(spec: StudySpec, trials) -> None:
+    from study import results, runner
+
+    columns = SUMMARY[:2] + [p.name for p in spec.params] + SUMMARY[2:]
+    print(f"\n{results.format_table(trials, columns)}\n")
+    print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events)")
+    print(f"Optuna storage:  {runner.optuna_url(spec)}")
 
 
 def launch(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated whole before Ray starts
-    if args.dry_run:
-        print(f"study {spec.name} from {spec.source}\n  results: {spec.study_dir}")
-        print(f"  space: {', '.join(f'{p.name}~{p.kind}{list(p.args)}' for p in spec.params)}")
-        r = spec.resources
-        print(f"  per trial: {r.workers} workers x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU) "
-              f"+ {r.driver_cpus} CPU driver; {spec.search.num_samples} trials, "
-              f"{spec.search.max_concurrent} at a time")
-        return 0
-    from study import results, runner  # heavy imports (Ray, torch) only once the spec is known good
+    if not args.address:
+        from study import runner
 
-    trials = runner.run_study(spec, address=args.address)
-    columns = SUMMARY[:2] + [p.name for p in spec.params] + SUMMARY[2:]
-    print(f"\n{results.format_table(trials, columns)}\n")
-    print(f"Parquet results: {spec.study_dir / 'results'} (trials.parquet, epochs.parquet)")
-    print(f"Optuna storage:  sqlite:///{spec.study_dir / 'optuna.db'}")
+        runner.check_fits(spec, runner.local_nodes(), "this machine")
+    if args.dry_run:
+        print(describe(spec, args.address))
+        return 0
+    from study import runner  # heavy imports (Ray, torch) only once the spec is known good
+
+    print_summary(spec, runner.run_study(spec, address=args.address))
+    return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    from study import runner
+
+    spec = runner.open_study(args.name, args.storage)
+    print_summary(spec, runner.resume_study(spec, address=args.address))
+    return 0
+
+
+def extend(args: argparse.Namespace) -> int:
+    from study import runner
+
+    spec = runner.open_study(args.name, args.storage)
+    print_summary(spec, runner.extend_study(spec, args.trials, address=args.address))
+    return 0
+
+
+def _open(args: argparse.Namespace) -> StudySpec:
+    from study import runner
+
+    return runner.open_study(args.name, args.storage)
+
+
+def _trials(spec: StudySpec):
+    from study import results
+
+    try:
+        return results.open(spec.study_dir).table("trials")
+    except FileNotFoundError:
+        return None
+
+
+def _best(spec: StudySpec, rows: list[dict]) -> dict | None:
+    metric = spec.search.metric
+    scored = [r for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+    done = [r for r in scored if r["status"] == "completed"] or scored
+    if not done:
+        return None
+    return (max if spec.search.mode == "max" else min)(done, key=lambda r: r[metric])
+
+
+def status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from study import runner
+
+    spec = runner.open_study(args.name, args.storage)
+    table = _trials(spec)
+    rows = table.to_pylist() if table is not None else []
+    counts = Counter(r["status"] for r in rows)
+    print(f"study {spec.name} ({spec.study_dir}): {len(rows)} of {spec.search.num_samples}+ trials reported; "
+          + (", ".join(f"{n} {s}" for s, n in counts.most_common()) or "nothing yet"))
+    if best := _best(spec, rows):
+        print(f"  best {spec.search.metric}: {best[spec.search.metric]:.4g} (trial {best['trial_id']}, "
+              f"{best['status']}, epoch {best['epochs_done']})")
+    results_file = spec.study_dir / "results" / "trials.parquet"
+    for r in rows:
+        if r["status"] == "running":
+            age = time.time() - results_file.stat().st_mtime
+            print(f"  running {r['trial_id']}: epoch {r['epochs_done']}/{spec.train_config().epochs}, "
+                  f"{spec.search.metric} {r[spec.search.metric]:.4g} (results updated {age:.0f} s ago; if the "
+                  f"driver is gone, `ssl-study resume {spec.name}`)")
+    return 0
+
+
+def best(args: argparse.Namespace) -> int:
+    from study import runner
+
+    spec = runner.open_study(args.name, args.storage)
+    table = _trials(spec)
+    row = _best(spec, table.to_pylist() if table is not None else [])
+    if row is None:
+        print(f"study {spec.name}: no trial has a finite {spec.search.metric} yet", file=sys.stderr)
+        return 1
+    params = {p.name: row.get(p.name) for p in spec.params}
+    export = Path(row["checkpoint"]) / "backbone.safetensors" if row["checkpoint"] else None
+    print(json.dumps({
+        "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
+        "config": {**spec.train_config().as_dict(), **{k: v for k, v in params.items() if v is not None}},
+        "metrics": {k: row[k] for k in ("epochs_done", "knn_top1", "knn_top1_best", "knn_top1_init", "loss")},
+        "checkpoint": row["checkpoint"],
+        "backbone": str(export) if export and export.exists() else None,
+    }, indent=2, default=str))
+    return 0
+
+
+def results_cmd(args: argparse.Namespace) -> int:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from study import results
+    from study.query import parse_where
+
+    root = Path(args.name)
+    if not root.exists():
+        root = Path(args.storage) / args.name
+    try:
+        res = results.open(root)
+    except FileNotFoundError as e:
+        raise SpecError(str(e)) from None
+    dataset = getattr(res, args.table)
+    names = dataset.schema.names
+    for column in [*(args.columns or []), *([args.sort.lstrip("-")] if args.sort else [])]:
+        if column not in names:
+            raise SpecError(f"--columns/--sort: unknown column '{column}'; columns: {', '.join(names)}")
+    where = parse_where(args.where, names) if args.where else None
+    table = dataset.to_table(filter=where, columns=args.columns or None)
+    if args.sort:
+        table = table.sort_by([(args.sort.lstrip("-"), "descending" if args.sort.startswith("-") else "ascending")])
+    if args.format == "table":
+        print(results.format_table(table))
+    elif args.format == "csv":
+        pacsv.write_csv(table, sys.stdout.buffer)
+    elif args.format == "json":
+        print(json.dumps(table.to_pylist(), indent=1, default=str))
+    else:
+        if not args.output:
+            raise SpecError("--format parquet: give --output FILE")
+        pq.write_table(table, args.output)
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssl-study", description=__doc__)
+    p = argparse.ArgumentParser(prog="ssl-study", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    def named(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("name", help="study directory, or study name under --storage")
+        sp.add_argument("--storage", default="runs", help="where studies live (default: runs)")
+        return sp
+
     lp = sub.add_parser("launch", help="run a study from a study file")
     lp.add_argument("spec", nargs="?", default=None,
                     help=f"study file (YAML); default: the bundled study {DEFAULT_STUDY.name}")
     lp.add_argument("--dry-run", action="store_true", help="print the resolved study and start nothing")
     lp.add_argument("--address", default=None, help="attach to a running Ray cluster (default: local Ray)")
     lp.set_defaults(func=launch)
+    rp = named("resume", "continue an interrupted study from its checkpoints")
+    rp.add_argument("--address", default=None)
+    rp.set_defaults(func=resume)
+    ep = named("extend", "add trials to a study, warm-started from its Optuna storage")
+    ep.add_argument("--trials", type=int, required=True, help="how many trials to add")
+    ep.add_argument("--address", default=None)
+    ep.set_defaults(func=extend)
+    named("status", "trials by status, best so far, running trials").set_defaults(func=status)
+    named("best", "the best trial: config, metrics, checkpoint").set_defaults(func=best)
+    qp = named("results", "query results tables (one study, or every study under a root)")
+    qp.add_argument("--table", choices=("trials", "epochs", "events"), default="trials")
+    qp.add_argument("--where", help="filter, e.g. \"status == 'completed' and base_lr > 1e-3\"")
+    qp.add_argument("--sort", help="column to sort by; '-col' sorts descending")
+    qp.add_argument("--columns", nargs="+", help="columns to show")
+    qp.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    qp.add_argument("--output", help="file for --format parquet")
+    qp.set_defaults(func=results_cmd)
+    rp = named("report", "write PNG figures and an HTML page of a study's results")
+    from study import report
+
+    report.add_report_arguments(rp)
+    rp.set_defaults(func=lambda args: report.report_from_args(args, _open(args)))
+    from data.datasets import add_convert_arguments, convert_from_args
+    from study import submit  # light: Ray's job client is imported when a job is sent
+
+    cp = sub.add_parser("convert", help="convert an image folder, fashion_mnist or mnist to FFCV files")
+    add_convert_arguments(cp)
+    cp.set_defaults(func=convert_from_args)
+
+    sp = sub.add_parser("submit", help="send a study to a Ray cluster as a Ray Job (token auth handled)")
+    submit.add_submit_arguments(sp)
+    sp.set_defaults(func=submit.submit_from_args)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.datasets import DatasetError
+    from study.query import QueryError
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as e:
+    except (SpecError, QueryError, DatasetError) as e:
         print(f"ssl-study: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,14 +16,16 @@ from typing import Any
 
 import yaml
 
-from search_spaces import Param, SpaceError, parse_space
+from search_spaces import Param, SpaceError, flatten, parse_space
+from search_spaces.presets import PRESETS, apply_preset
 from trainers.config import TrainConfig
+from trainers.policy import StopPolicy
 
 DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
-DATASETS = ("fashion_mnist",)
 METRICS = ("knn_top1", "loss")
 SAMPLERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
+RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
 
 
 class SpecError(ValueError):
@@ -36,17 +38,23 @@ class Resources:
     cpus_per_worker: float = 0.45
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.1  # the Tune function that drives a trial's TorchTrainer
+    check: bool = True  # refuse a trial the cluster's nodes can never hold (turn off for autoscaling clusters)
+
+    def per_trial(self) -> dict[str, float]:
+        return {"CPU": self.workers * self.cpus_per_worker + self.driver_cpus,
+                "GPU": self.workers * self.gpus_per_worker}
 
 
 @dataclass
 class Search:
     space: dict = field(default_factory=dict)
     num_samples: int = 4
-    max_concurrent: int = 2
+    max_concurrent: int | None = None  # None: as many trials as the cluster holds at once
     metric: str = "knn_top1"
     mode: str = "max"
     sampler: str = "tpe"
     seed: int = 0
+    storage: str | None = None  # Optuna RDB URL (postgresql://... on clusters); None: SQLite in the study dir
 
 
 @dataclass
@@ -59,13 +67,16 @@ class Scheduler:
 @dataclass
 class StudySpec:
     name: str = "study"
-    dataset: str = "fashion_mnist"
+    preset: str | None = None  # a paper study from search_spaces/presets.py; this file's keys override it
+    preset_scale: float = 1.0  # the preset's batch sizes times this (the paper's are 1k-6k)
+    dataset: str = "fashion_mnist"  # fashion_mnist, mnist, or an ImageNet-style image folder (data/datasets.py)
     data_dir: str = "datasets"  # converted FFCV files; relative paths are taken from the working directory
-    storage: str = "runs"  # results, checkpoints and the Optuna database go to storage/name
+    storage: str = "runs"  # storage/name holds results, checkpoints, the Optuna database: a path (NFS on clusters)
     train: dict = field(default_factory=dict)  # overrides of trainers.config.TrainConfig
     resources: Resources = field(default_factory=Resources)
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
+    stopping: StopPolicy = field(default_factory=StopPolicy)  # instability policy (trainers/policy.py)
     source: str = ""  # the file this spec came from (set by the loader)
 
     @property
@@ -80,7 +91,7 @@ class StudySpec:
             raise SpecError(str(e)) from None
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train)
+        return TrainConfig(**self.train, stopping=self.stopping.as_dict())
 
 
 def _type_name(tp: Any) -> str:
@@ -110,17 +121,25 @@ def _unknown(key: str, accepted: typing.Iterable[str], where: str) -> SpecError:
     return SpecError(f"{where}: unknown key '{key}'; {hint}accepted: {', '.join(accepted)}")
 
 
+def _at(where: str, key: str) -> str:
+    """``file: section.key`` from ``file:`` or ``file: section``."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+        raise SpecError(f"{where.rstrip(':')}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
     values = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown(str(key), names, where)
-        values[key] = _check_type(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+            raise _unknown(str(key), names, where.rstrip(":"))
+        values[key] = _check_type(value, hints[key], _at(where, key))
+    try:
+        return cls(**values)
+    except ValueError as e:  # the dataclass's own checks (e.g. StopPolicy's) name the field
+        raise SpecError(f"{where.split(':')[0]}: {e}") from None
 
 
 def _one_of(value: Any, accepted: typing.Sequence[str], where: str) -> None:
@@ -141,9 +160,19 @@ def validate(spec: StudySpec) -> StudySpec:
     from trainers.optim import OPTIMIZERS
 
     src = spec.source
-    _one_of(spec.dataset, DATASETS, f"{src}: dataset")
+    if spec.preset is not None:
+        _one_of(spec.preset, tuple(PRESETS), f"{src}: preset")
+    _check_positive(spec.preset_scale, f"{src}: preset_scale")
+    from data.datasets import DatasetError, check
+
+    try:
+        check(spec.dataset, Path(spec.data_dir))
+    except DatasetError as e:
+        raise SpecError(f"{src}: dataset: {e}") from None
     train = spec.train
     for key, value in train.items():
+        if key == "stopping":
+            raise SpecError(f"{src}: train.stopping: the stopping policy is a top-level section, 'stopping:'")
         if key not in TrainConfig.field_names():
             raise _unknown(key, TrainConfig.field_names(), f"{src}: train")
         train[key] = _check_type(value, typing.get_type_hints(TrainConfig)[key], f"{src}: train.{key}")
@@ -165,24 +194,51 @@ def validate(spec: StudySpec) -> StudySpec:
     _one_of(s.metric, METRICS, f"{src}: search.metric")
     _one_of(s.mode, ("max", "min"), f"{src}: search.mode")
     _one_of(s.sampler, SAMPLERS, f"{src}: search.sampler")
+    if s.storage is not None and not s.storage.startswith(RDB_SCHEMES):
+        raise SpecError(f"{src}: search.storage: {s.storage!r} is not an Optuna RDB URL; accepted: "
+                        f"{', '.join(f'{p}...' for p in RDB_SCHEMES)}")
+    if "://" in spec.storage:
+        raise SpecError(f"{src}: storage: {spec.storage!r}: give a path (on clusters, an NFS mount shared by "
+                        f"every node); object-store URLs are not supported yet")
     _check_positive(s.num_samples, f"{src}: search.num_samples")
-    _check_positive(s.max_concurrent, f"{src}: search.max_concurrent")
-    for param in spec.params:
-        if param.name not in TrainConfig.field_names():
+    if s.max_concurrent is not None:
+        _check_positive(s.max_concurrent, f"{src}: search.max_concurrent")
+    hints = typing.get_type_hints(TrainConfig)
+    for param in flatten(spec.params):
+        where = f"{src}: search.space.{param.name}"
+        if param.name not in TrainConfig.field_names() or param.name == "stopping":
             raise _unknown(param.name, TrainConfig.field_names(), f"{src}: search.space")
         for value in param.args if param.kind == "choice" else ():
+            _check_type(value, hints[param.name], where)
             if param.name in choices:
-                _one_of(value, choices[param.name], f"{src}: search.space.{param.name}")
+                _one_of(value, choices[param.name], where)
+            if param.name == "batch_size" and value % res.workers:
+                raise SpecError(f"{where}: batch size {value} does not divide by resources.workers {res.workers}; "
+                                f"use multiples of {res.workers}")
+        if param.kind != "choice" and hints[param.name] not in (float, int, float | None, int | None):
+            raise SpecError(f"{where}: a {param.kind} range needs a numeric option; use {{choice: [...]}}")
     if s.sampler == "grid":
         for param in spec.params:
-            if param.kind != "choice":
-                raise SpecError(f"{src}: search.space.{param.name}: the grid sampler needs choice lists, "
-                                f"got a {param.kind} range; use {{choice: [...]}} or sampler tpe/random")
+            if param.kind != "choice" or param.when:
+                raise SpecError(f"{src}: search.space.{param.name}: the grid sampler needs plain choice lists, "
+                                f"got {'conditional branches' if param.when else f'a {param.kind} range'}; "
+                                f"use {{choice: [...]}} or sampler tpe/random")
     _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
     _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
     if not spec.name or "/" in spec.name:
         raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
     return spec
+
+
+def snapshot(spec: StudySpec) -> dict:
+    """The resolved study as a study-file mapping (preset applied, paths absolute): saved next to the results."""
+    data = dataclasses.asdict(spec)
+    del data["source"]
+    data.update(preset=None, preset_scale=1.0, storage=str(Path(spec.storage).resolve()),
+                data_dir=str(Path(spec.data_dir).resolve()))
+    if Path(spec.dataset).exists():  # an image folder, not a built-in name
+        data["dataset"] = str(Path(spec.dataset).resolve())
+    return data
 
 
 def load_spec(path: str | Path | None = None) -> StudySpec:
@@ -200,6 +256,11 @@ def load_spec(path: str | Path | None = None) -> StudySpec:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    spec = _build(StudySpec, data if data is not None else {}, str(path))
+    data = data if data is not None else {}
+    if isinstance(data, dict) and data.get("preset") is not None:
+        if data["preset"] not in PRESETS:
+            raise SpecError(f"{path}: preset: {data['preset']!r} is not one of: {', '.join(PRESETS)}")
+        data = apply_preset(data)
+    spec = _build(StudySpec, data, f"{path}:")
     spec.source = str(path)
     return validate(spec)

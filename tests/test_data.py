@@ -74,23 +74,26 @@ def ssl_keep(subset) -> np.ndarray:
     return keep
 
 
-def _ssl(id_beton: Path, keep: np.ndarray):
-    return ssl_loader(id_beton, batch_size=SSL_BATCH, indices=keep, seed=SSL_SEED, num_workers=2)
+def _ssl(id_beton: Path, keep: np.ndarray, num_workers: int = 2):
+    """The default views (MoCo v3's asymmetric pair, full recipe) over the id-labelled file."""
+    return ssl_loader(id_beton, batch_size=SSL_BATCH, indices=keep, seed=SSL_SEED, num_workers=num_workers)
 
 
 @pytest.fixture(scope="module")
 def ssl_run(id_beton, ssl_keep) -> dict:
     """Two epochs of one ssl_loader: ids per epoch, the first batch (cloned), per-batch shapes and dtypes."""
     loader = _ssl(id_beton, ssl_keep)
-    run: dict = {"len": len(loader), "epochs": [], "first": None, "batches": []}
+    run: dict = {"len": len(loader), "epochs": [], "first": None, "batches": [], "by_epoch": []}
     for _ in range(2):
-        ids = []
+        ids, views = [], []
         for batch in loader:
             if run["first"] is None:
                 run["first"] = tuple(t.clone() for t in batch)
             run["batches"].append([(tuple(t.shape), t.dtype) for t in batch])
             ids.append(batch[-1].clone())
+            views.append(batch[0].clone())
         run["epochs"].append(torch.cat(ids).numpy())
+        run["by_epoch"].append((torch.cat(views), run["epochs"][-1]))
     return run
 
 
@@ -283,13 +286,31 @@ def test_ssl_epoch_reads_each_selected_image_once(ssl_run, ssl_keep):
         assert set(ids) <= set(ssl_keep)  # `indices` honoured: no class-0 image ever appears
 
 
-def test_ssl_order_changes_per_epoch_and_follows_the_seed(ssl_run, id_beton, ssl_keep):
+def test_ssl_order_and_views_follow_the_seed(ssl_run, id_beton, ssl_keep):
     epoch_0, epoch_1 = ssl_run["epochs"]
     assert not np.array_equal(epoch_0, epoch_1)
-    # A second loader (another numba compile) with the same seed reads the same images in the same order.
-    # The crops and flips are not reproducible: FFCV draws them from numba's entropy-seeded generators.
-    again = next(iter(_ssl(id_beton, ssl_keep)))
-    torch.testing.assert_close(again[-1], ssl_run["first"][-1], rtol=0, atol=0)
+    # A second loader (another numba compile) with the same seed, on one thread instead of two, yields the
+    # same images in the same order with the same views: every random draw is a hash of (seed, epoch,
+    # sample, view) (data/augment.py). Another seed gives other views.
+    again = _ssl(id_beton, ssl_keep, num_workers=1)
+    first = [t.clone() for t in next(iter(again))]
+    for got, want in zip(first, ssl_run["first"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Resuming at epoch 1 gives epoch 1's batches, views included.
+    again.next_epoch = 1
+    x1, _, ids = next(iter(again))
+    np.testing.assert_array_equal(ids.numpy(), epoch_1[:SSL_BATCH])
+    torch.testing.assert_close(x1, ssl_run["by_epoch"][1][0][:SSL_BATCH], rtol=0, atol=0)
+
+
+def test_ssl_views_change_with_the_epoch(ssl_run):
+    """The same image gets different views in different epochs (the epoch is part of every key)."""
+    (a, ids_a), (b, ids_b) = ssl_run["by_epoch"]
+    common = np.intersect1d(ids_a, ids_b)
+    assert len(common) > 0
+    for i in common[:5]:
+        ia, ib = np.flatnonzero(ids_a == i)[0], np.flatnonzero(ids_b == i)[0]
+        assert not torch.equal(a[ia], b[ib])
 
 
 # ---------------------------------------------------------------------------------------------- eval_loader

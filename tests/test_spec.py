@@ -50,10 +50,10 @@ def test_default_study_loads():
         ("search", "space", {"base_lr": {"gauss": [0, 1]}}, "unknown distribution 'gauss'"),
         ("search", "space", {"learning_rate": {"log": [1e-4, 1e-3]}}, "unknown key 'learning_rate'"),
         ("search", "space", {"method": {"choice": ["byol", "dino"]}}, "search.space.method: 'dino' is not one"),
-        ("search", "sampler", "grid", "search.space.base_lr: the grid sampler needs choice lists"),
+        ("search", "sampler", "grid", "search.space.base_lr: the grid sampler needs plain choice lists"),
         ("search", "metric", "accuracy", "search.metric: 'accuracy' is not one of"),
         ("scheduler", "type", "hyperband", "scheduler.type: 'hyperband' is not one of: asha, fifo"),
-        ("", "dataset", "imagenet", "dataset: 'imagenet' is not one of: fashion_mnist"),
+        ("", "dataset", "imagenet", "dataset: dataset 'imagenet' is neither a built-in name nor an existing folder"),
         ("", "resourcez", {}, "unknown key 'resourcez'; did you mean 'resources'?"),
     ],
 )

@@ -30,8 +30,7 @@ def finished(tmp_path_factory):
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump({**STUDY, "storage": str(root / "runs"), "data_dir": str(root / "data")}))
     spec = load_spec(path)
-    ray.init(num_cpus=2, include_dashboard=True, object_store_memory=256 * 2**20, configure_logging=False,
-             runtime_env={"env_vars": runner.WORKER_ENV})
+    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
     try:
         trials = runner.run_study(spec)
     finally:
@@ -42,7 +41,8 @@ def finished(tmp_path_factory):
 def test_every_trial_is_in_the_parquet_table(finished):
     spec, trials = finished
     table = pq.read_table(spec.study_dir / "results" / "trials.parquet")
-    assert table.num_rows == 3 and table.equals(trials)
+    key = ["trial_id", "status", "knn_top1"]
+    assert table.num_rows == 3 and table.select(key).equals(trials.select(key))
     rows = table.to_pylist()
     assert {r["status"] for r in rows} <= {"completed", "pruned"}, [r["error"] for r in rows]
     assert any(r["status"] == "completed" for r in rows)

@@ -6,7 +6,7 @@ A study file's ``train:`` section and its search space both name fields of :clas
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -27,6 +27,7 @@ class TrainConfig:
     knn_bank_subset: int | None = None
     knn_eval_subset: int | None = None
     crop_min: float = 0.08
+    augment: dict = field(default_factory=dict)  # data.recipes.ViewRecipe fields overriding the method's recipe
     loader_workers: int = 1
     # optimisation: lr = base_lr * batch_size / 256, linear warmup then half-cosine (per iteration)
     epochs: int = 3
@@ -51,6 +52,8 @@ class TrainConfig:
     monitor_bank: int = 4096  # the paper: 10% of the training set
     online_probe: bool = False  # a Linear head trained on detached features during pretraining
     signals_every: int = 1  # instability signals (per-layer gradient norms, spikes, collapse) every N steps; 0: off
+    stopping: dict = field(default_factory=dict)  # trainers.policy.StopPolicy fields (the study file's stopping:)
+    trace: bool = False  # per-step signals (gradient norms per layer group, dense kNN) in checkpoints' trace.parquet
     # run
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker

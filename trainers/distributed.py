@@ -51,3 +51,15 @@ def gather_uneven(t: Tensor) -> Tensor:
     padded[: t.shape[0]] = t
     gathered = concat_all_gather(padded)
     return torch.cat([gathered[i * max(sizes): i * max(sizes) + n] for i, n in enumerate(sizes)])
+
+
+def broadcast_object(obj, device: torch.device | None = None, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (a decision every rank must act on alike).
+
+    ``device``: where the pickled bytes travel; NCCL needs this rank's GPU (default: the current CUDA device).
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=device)
+    return box[0]

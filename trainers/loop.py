@@ -4,6 +4,10 @@ Each worker builds its loaders and model once, trains with DDP (gloo on CPU, NCC
 BatchNorm, feeds the dense kNN monitor from the features the method already computed, evaluates a weighted
 kNN on the eval split after every epoch and reports the epoch's metrics. Only rank 0's metrics reach Tune,
 but every rank reports (a report is a barrier).
+
+The instability policy (``trainers.policy``) judges every epoch's signal summary; in ``enforce`` mode a verdict
+ends the run after that epoch's report, and non-finite gradients end it at once, mid-epoch. Each report carries
+the epoch's verdict (``verdict``, ``verdict_reason``, ``stopped``) and its instability ``events``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.convert import read_metadata
-from data.loaders import ViewRecipe, eval_loader, ssl_loader
+from data.loaders import eval_loader, ssl_loader
+from data.recipes import views_for
 from trainers import distributed as dist
 from trainers.backbones import create_backbone
 from trainers.config import PRECISIONS, TrainConfig
@@ -35,8 +42,9 @@ from trainers.linear_probe import OnlineLinearProbe
 from trainers.methods import build_method
 from trainers.monitor import DenseKnnMonitor
 from trainers.optim import create_optimizer
+from trainers.policy import StopPolicy, verdict
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
-from trainers.signals import InstabilityMonitor
+from trainers.signals import SUMMARY_KEYS, InstabilityMonitor
 from trainers.sync_batchnorm import convert_sync_batchnorm
 
 
@@ -117,6 +125,24 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def trace_row(signals: InstabilityMonitor, step: int, epoch: int, dense_knn: float | None) -> dict:
+    """One measured step of the trace: gradient norm per layer group, its ratio to the running median, and
+    the dense kNN when the monitor measured it this step."""
+    return {"step": step, "epoch": epoch + 1, **{f"grad_{k}": v for k, v in signals.last_norms.items()},
+            **{f"ratio_{k}": v for k, v in signals.last_ratios.items()},
+            "dense_knn": math.nan if dense_knn is None else dense_knn}
+
+
+def diverged(signals: InstabilityMonitor | None, policy: StopPolicy, scaler: torch.amp.GradScaler) -> bool:
+    """Non-finite gradients at the last measured step, and the policy stops on them.
+
+    Gradients are all-reduced, so every rank sees the same norms and breaks at the same step. Under fp16 the
+    grad scaler skips inf steps by design: there a diverged run is caught by the epoch's verdict instead.
+    """
+    return (signals is not None and policy.mode == "enforce" and not scaler.is_enabled()
+            and signals.nonfinite_gradients)
+
+
 def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
     """Train ``cfg`` on this worker; call inside a Ray Train worker."""
     random.seed(cfg.seed)
@@ -131,7 +157,7 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
     # Loaders are built once and reused every epoch: each new one costs a numba compile.
     train, test = Path(cfg.train_path), Path(cfg.test_path)
     meta, test_count = read_metadata(train), read_metadata(test)["count"]
-    views = (ViewRecipe(crop_min=cfg.crop_min),) * 2
+    views = views_for(cfg.method, cfg.crop_min, cfg.augment or None)
     common = {"num_workers": cfg.loader_workers, "distributed": sharded, "device": device}
     train_loader = ssl_loader(train, batch_size=cfg.batch_size // world, views=views, seed=cfg.seed,
                               indices=subset(cfg.train_subset, meta["count"], cfg.seed), **common)
@@ -155,11 +181,13 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     monitor = DenseKnnMonitor(cfg.monitor_bank, meta["num_classes"], cfg.monitor_every, k=cfg.knn_k,
                               temperature=cfg.knn_t) if cfg.monitor_every else None
-    signals = InstabilityMonitor(every=cfg.signals_every) if cfg.signals_every else None
+    policy = StopPolicy(**cfg.stopping)
+    signals = InstabilityMonitor(every=cfg.signals_every, **policy.monitor_options()) if cfg.signals_every else None
     hooks = (*hooks, signals) if signals is not None else tuple(hooks)
     probe = OnlineLinearProbe(net.backbone.num_features, meta["num_classes"]).to(device) if cfg.online_probe else None
 
-    start_epoch, knn_init = 0, math.nan
+    start_epoch, knn_init, history, reported_events = 0, math.nan, [], 0
+    trace: list[dict] | None = [] if cfg.trace and signals is not None and rank == 0 else None
     # The run's own latest checkpoint (a restarted trial) wins over an explicit one to start from.
     checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
     if checkpoint is not None:
@@ -176,7 +204,9 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             probe.load_state_dict(saved["probe"])
             probe.optimizer.load_state_dict(saved["probe_optimizer"])
         set_rng_state(saved["rng"])
-        start_epoch, knn_init = saved["epoch"] + 1, saved["knn_top1_init"]
+        start_epoch, knn_init, history = saved["epoch"] + 1, saved["knn_top1_init"], saved["history"]
+        trace = saved["trace"] if trace is not None else None
+        reported_events = len(signals.events) if signals is not None else 0
         train_loader.next_epoch = start_epoch  # FFCV seeds each epoch's order with its epoch counter
     else:
         knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)["knn_top1"]
@@ -206,28 +236,44 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
                 dense.append(acc)
                 if signals is not None:
                     signals.on_dense_knn(step, epoch, acc)
+            if trace is not None and step % cfg.signals_every == 0:
+                trace.append(trace_row(signals, step, epoch, acc if monitor is not None else None))
             if probe is not None:  # accuracy on the batch before the probe trains on it
                 probed.append(probe.accuracy(features, y))
                 probe.step(features, y)
             loss_sum += loss.detach()
             seen += x1.shape[0]
+            if diverged(signals, policy, scaler):
+                break
         train_time = time.perf_counter() - tic
+        steps = i + 1
+        # A diverged model has non-finite weights: its kNN is meaningless, so it is not computed.
+        knn = ({"knn_top1": math.nan, "knn_top1_k200": math.nan} if diverged(signals, policy, scaler) else
+               knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg))
         metrics = {
             "epoch": epoch + 1,
-            "loss": loss_sum.item() / steps_per_epoch,
+            "loss": loss_sum.item() / steps,
             "lr": lr,
             "moco_m": moco_m,
-            **knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg),
+            **knn,
             "knn_top1_init": knn_init,
             "online_probe_top1": sum(probed) / len(probed) if probed else math.nan,
             "dense_knn_last": dense[-1] if dense else math.nan,
             "dense_knn_min": min(dense) if dense else math.nan,
             "images_per_s": seen * world / train_time,
-            "step_time_s": train_time / steps_per_epoch,
+            "step_time_s": train_time / steps,
         }
-        if signals is not None:  # instability summary of the epoch (trainers/signals.py)
-            signals.on_epoch_knn(step, epoch, metrics["knn_top1"])
+        if signals is not None:  # instability summary and events of the epoch (trainers/signals.py)
+            if math.isfinite(metrics["knn_top1"]):
+                signals.on_epoch_knn(step, epoch, metrics["knn_top1"])
             metrics.update(signals.epoch_summary())
+            metrics["events"] = [{**asdict(e), "epoch": e.epoch + 1} for e in signals.events[reported_events:]]
+            reported_events = len(signals.events)
+        history.append({k: metrics.get(k) for k in ("epoch", *SUMMARY_KEYS)})
+        judged = dist.broadcast_object(verdict(history, policy), device)  # rank 0's signals decide for all ranks
+        stop = judged is not None and policy.mode == "enforce"
+        metrics.update(verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
+                       stopped=int(stop))
         last = epoch + 1 == cfg.epochs
         due = last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
         with tempfile.TemporaryDirectory() as tmp:
@@ -238,13 +284,18 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
                          "probe": probe.state_dict() if probe else None,
                          "signals": signals.state_dict() if signals else None,
                          "probe_optimizer": probe.optimizer.state_dict() if probe else None,
-                         "rng": rng_state(), "epoch": epoch, "step": step, "knn_top1_init": knn_init}
+                         "rng": rng_state(), "epoch": epoch, "step": step, "knn_top1_init": knn_init,
+                         "history": history, "trace": trace}
                 torch.save(state, Path(tmp) / "state.pt")
+                if trace is not None:
+                    pq.write_table(pa.Table.from_pylist(trace), Path(tmp) / "trace.parquet")
                 if last and cfg.export:
                     export_backbone(net.backbone, cfg.backbone, Path(tmp) / "backbone.safetensors",
                                     **backbone_options(cfg))
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)
+        if stop:
+            return
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -441,6 +441,11 @@ class InstabilityMonitor:
 
     __call__ = on_step
 
+    @property
+    def nonfinite_gradients(self) -> bool:
+        """Whether a layer group's gradient norm was non-finite at the last measured step."""
+        return any(self._bad.get(name, False) for name in self._groups)
+
     def flush(self) -> list[Event]:
         """Check the losses of unmeasured steps still pending (one sync); :meth:`epoch_summary` calls it."""
         return self._measure()

@@ -1,0 +1,654 @@
+"""Seeded per-image SSL augmentations: numba kernels and the FFCV operations that run them.
+
+Why not FFCV's own RandomResizedCrop / RandomHorizontalFlip / colour ops
+-------------------------------------------------------------------------
+FFCV 1.0.2 draws their random parameters from numba's per-thread generators (``np.random`` inside jitted
+code), seeded from OS entropy, and its colour jitter has no hue. Here every random number is a pure function
+of ``(seed, epoch, sample index, view, op, draw)``, hashed with splitmix64 (a counter-based generator), so:
+
+- every choice is made per image, never per batch;
+- the same seed gives the same views in any process, with any number of threads or workers, on any rank;
+- a different epoch gives different views of the same image.
+
+How an operation learns the epoch: FFCV compiles each operation once per loader, and numba freezes
+closure variables (a closure array is copied into the compiled code as a constant), so the epoch cannot be
+a closure variable. Operations *can* get two runtime inputs: ``batch_indices`` (the samples' indices in the
+file, passed when the code has ``with_indices = True``) and their own memory buffers (``AllocationQuery``),
+which FFCV allocates per epoch and passes on every call. Each seeded operation therefore declares a one-word
+"key cell", and :class:`SeededLoader` (a small ``ffcv.loader.Loader`` subclass) writes
+``epoch_key(seed, epoch)`` into every cell before each batch. An operation then keys image ``n`` with
+``sample_key(cell, batch_indices[n], salt)``, the salt naming the view and the operation.
+
+Compile time: FFCV compiles each operation's closure with numba in every new loader (parallel loops are the
+slow part). Here the closures are trivial wrappers; the parallel batch loops and the per-image kernels are
+module-level functions compiled with ``cache=True``, so they are compiled once per machine (numba's on-disk
+cache next to this file) and loaded in later processes. Only the decoder (it calls FFCV's memory reader, a
+closure) and FFCV's glue are compiled per loader.
+
+Per-image kernels follow ``torchvision.transforms.v2.functional`` on uint8 tensors step by step (float32
+arithmetic, the same truncation / rounding points), so each is tested against it (tests/test_augment.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from numba import njit, prange
+
+# Compiled once per machine (numba's on-disk cache); error_model "numpy" drops the division-by-zero checks
+# that would stop LLVM from vectorising the pixel loops.
+_kernel = njit(cache=True, error_model="numpy")
+_batch = njit(cache=True, error_model="numpy", parallel=True)
+
+# ---------------------------------------------------------------------------------------------- random numbers
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_TWO_M53 = 1.0 / 9007199254740992.0
+
+# Operation codes, mixed into the salt so that two ops of one view draw independent numbers.
+OP_CROP, OP_FLIP, OP_JITTER, OP_GRAY, OP_BLUR, OP_SOLARIZE = range(1, 7)
+
+
+@_kernel
+def mix64(z):
+    """splitmix64's finaliser: a bijective 64-bit hash (all arithmetic in uint64, wrapping)."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@_kernel
+def sample_key(base, sample, salt):
+    """Key of one image in one op of one view: hash of the epoch key, the sample index and the salt."""
+    return mix64(base ^ mix64(np.uint64(sample) * _GOLDEN + np.uint64(salt)))
+
+
+@_kernel
+def uniform(key, j):
+    """The j-th uniform float64 in [0, 1) of ``key`` (53 random bits)."""
+    return np.float64(mix64(key + np.uint64(j + 1) * _GOLDEN) >> _S11) * _TWO_M53
+
+
+@_kernel
+def _epoch_key(seed, epoch):
+    return mix64(mix64(seed) ^ (epoch * _GOLDEN))
+
+
+def epoch_key(seed: int, epoch: int) -> np.uint64:
+    """The key every seeded op of an epoch starts from: a hash of (seed, epoch)."""
+    return np.uint64(_epoch_key(np.uint64(seed % 2**64), np.uint64(epoch)))
+
+
+def salt(view: int, op: int) -> int:
+    """Salt of ``op`` (one of the OP_* codes) in view number ``view``."""
+    return view * 16 + op
+
+
+# ---------------------------------------------------------------------------------------------- per-image kernels
+# Each works in place on one uint8 [H, W, 3] image and matches torchvision.transforms.v2.functional on the
+# same uint8 image (CHW there) to the tolerance stated in tests/test_augment.py.
+
+_F0, _F1 = np.float32(0.0), np.float32(255.0)
+_GR, _GG, _GB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
+
+
+@_kernel
+def _blend_lut(factor, other):
+    """uint8 table of v2's _blend(x, other, factor) = trunc(clamp(x * f + other * (1 - f), 0, 255))."""
+    f = np.float32(factor)
+    g = np.float32(other) * np.float32(1.0 - factor)
+    lut = np.empty(256, np.uint8)
+    for v in range(256):
+        lut[v] = np.uint8(min(max(np.float32(v) * f + g, _F0), _F1))
+    return lut
+
+
+@_kernel
+def _apply_lut(img, lut):
+    flat = img.reshape(-1)
+    for i in range(flat.size):
+        flat[i] = lut[flat[i]]
+
+
+@_kernel
+def _gray(r, g, b):
+    """v2's _rgb_to_grayscale_image in float32 (before any truncation)."""
+    return np.float32(r) * _GR + np.float32(g) * _GG + np.float32(b) * _GB
+
+
+@_kernel
+def adjust_brightness(img, factor):
+    """v2.functional.adjust_brightness: x * factor, clamped, truncated to uint8 (a 256-entry table)."""
+    _apply_lut(img, _blend_lut(factor, 0.0))
+
+
+@_kernel
+def adjust_contrast(img, factor):
+    """v2.functional.adjust_contrast: blend with the mean of the floored grayscale image."""
+    flat = img.reshape(-1)
+    total = 0
+    for i in range(flat.size // 3):
+        total += int(_gray(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]))  # floor of a value >= 0
+    _apply_lut(img, _blend_lut(factor, np.float32(total / (flat.size // 3))))
+
+
+@_kernel
+def adjust_saturation(img, factor):
+    """v2.functional.adjust_saturation: blend each pixel with its own floored grayscale value."""
+    f = np.float32(factor)
+    g = np.float32(1.0 - factor)
+    flat = img.reshape(-1)
+    for i in range(flat.size // 3):
+        gray = np.float32(int(_gray(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]))) * g  # floored
+        for c in range(3):
+            flat[3 * i + c] = np.uint8(min(max(np.float32(flat[3 * i + c]) * f + gray, _F0), _F1))
+
+
+_INV255 = np.float32(1.0 / 255.0)
+_SIXTH = np.float32(1.0 / 6.0)
+_TO_U8 = np.float32(255.0 + 1.0 - 1e-3)  # v2's to_dtype(float -> uint8, scale=True) multiplier
+
+
+@_kernel
+def adjust_hue(img, hue_factor):
+    """v2.functional.adjust_hue: to float in [0, 1], RGB -> HSV, h = (h + factor) mod 1, HSV -> RGB, to uint8.
+
+    The float32 formulas of v2's _rgb_to_hsv / _hsv_to_rgb, written as selects rather than branches so that
+    LLVM vectorises the loop (8x faster); fmod / remainder / floor become the comparisons they reduce to
+    on the ranges that occur (h in [5/6, 7/6] before the fmod, h + factor in (-1/2, 3/2)), and the three
+    divisions by the channel range one reciprocal (1 ulp: it can move a truncation by one level).
+    """
+    shift = np.float32(hue_factor)
+    one = np.float32(1.0)
+    flat = img.reshape(-1)
+    for i in range(flat.size // 3):
+        r = np.float32(flat[3 * i]) * _INV255
+        g = np.float32(flat[3 * i + 1]) * _INV255
+        b = np.float32(flat[3 * i + 2]) * _INV255
+        maxc = max(r, max(g, b))
+        minc = min(r, min(g, b))
+        eqc = maxc == minc
+        cr = maxc - minc
+        s = cr / (one if eqc else maxc)
+        inv = one / (one if eqc else cr)
+        rc, gc, bc = (maxc - r) * inv, (maxc - g) * inv, (maxc - b) * inv
+        h = (bc - gc) if maxc == r else (((rc + np.float32(2.0)) - bc) if maxc == g
+                                         else ((gc + np.float32(4.0)) - rc))
+        h = h * _SIXTH + one
+        h = h - one if h >= one else h
+        h = h + shift
+        h = h + one if h < _F0 else h
+        h = h - one if h >= one else h
+        # _hsv_to_rgb with v = maxc
+        h6 = h * np.float32(6.0)
+        sector = np.int32(h6)
+        f = h6 - np.float32(sector)
+        sxf = s * f
+        one_minus_s = one - s
+        q = min(max((one - sxf) * maxc, _F0), one)
+        t = min(max((sxf + one_minus_s) * maxc, _F0), one)
+        p = min(max(one_minus_s * maxc, _F0), one)
+        sector = sector - 6 if sector >= 6 else sector
+        # rows of v2's select table [[v, q, p, p, t, v], [t, v, v, q, p, p], [p, p, t, v, v, q]]
+        ro = maxc if (sector == 0 or sector == 5) else (q if sector == 1 else (p if sector < 4 else t))
+        go = t if sector == 0 else (maxc if sector < 3 else (q if sector == 3 else p))
+        bo = p if sector < 2 else (t if sector == 2 else (maxc if sector < 5 else q))
+        flat[3 * i] = np.uint8(ro * _TO_U8)
+        flat[3 * i + 1] = np.uint8(go * _TO_U8)
+        flat[3 * i + 2] = np.uint8(bo * _TO_U8)
+
+
+@_kernel
+def to_grayscale(img):
+    """v2.functional.rgb_to_grayscale(num_output_channels=3): truncated luma in all three channels."""
+    flat = img.reshape(-1)
+    for i in range(flat.size // 3):
+        gray = np.uint8(_gray(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]))
+        flat[3 * i] = gray
+        flat[3 * i + 1] = gray
+        flat[3 * i + 2] = gray
+
+
+@_kernel
+def solarize(img, threshold):
+    """v2.functional.solarize: values >= threshold become 255 - value."""
+    lut = np.empty(256, np.uint8)
+    for v in range(256):
+        lut[v] = 255 - v if v >= threshold else v
+    _apply_lut(img, lut)
+
+
+@_kernel
+def hflip(img):
+    """Mirror the columns (v2.functional.horizontal_flip)."""
+    w = img.shape[1]
+    for y in range(img.shape[0]):
+        for x in range(w // 2):
+            for c in range(3):
+                a = img[y, x, c]
+                img[y, x, c] = img[y, w - 1 - x, c]
+                img[y, w - 1 - x, c] = a
+
+
+def blur_radius(sigma: float) -> int:
+    """Half-width of the blur kernel: ceil(3 sigma), so kernel_size = 2 * ceil(3 sigma) + 1 (13 at sigma 2)."""
+    return math.ceil(3.0 * sigma)
+
+
+@_kernel
+def gaussian_kernel(sigma, radius):
+    """v2's _get_gaussian_kernel1d(2 r + 1, sigma) in float32: softmax(-(x / sigma)^2), x = linspace(+-r/sqrt 2)."""
+    k = 2 * radius + 1
+    x = np.empty(k, np.float32)
+    lim = (k - 1) / (2.0 * math.sqrt(2.0))
+    for i in range(k):
+        x[i] = np.float32(-lim + 2.0 * lim * i / (k - 1)) if k > 1 else np.float32(0.0)
+    w = np.empty(k, np.float32)
+    for i in range(k):
+        w[i] = np.float32(math.exp(-(np.float64(x[i]) / sigma) ** 2))
+    return w / w.sum()
+
+
+@_kernel
+def _reflect(i, n):
+    """torch's 'reflect' padding index (no edge repeat), for |overhang| < n."""
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * n - 2 - i
+    return i
+
+
+@_kernel
+def gaussian_blur(img, sigma, radius):
+    """v2.functional.gaussian_blur(kernel_size=2 r + 1, sigma) with reflect padding, rounded to uint8.
+
+    Separable (a row pass into a float32 buffer, then a column pass) instead of torchvision's 2-D
+    convolution: the same sums in another order, so results differ only by float rounding (<= 1 level).
+    ``radius`` is clipped to side - 1, the most reflect padding allows.
+    """
+    h, w = img.shape[0], img.shape[1]
+    radius = min(radius, h - 1, w - 1)
+    if radius <= 0:
+        return
+    wts = gaussian_kernel(sigma, radius)
+    k = 2 * radius + 1
+    row = np.empty((w + 2 * radius) * 3, np.float32)
+    tmp = np.empty((h, w * 3), np.float32)
+    for y in range(h):
+        for xp in range(w + 2 * radius):
+            xs = _reflect(xp - radius, w)
+            for c in range(3):
+                row[xp * 3 + c] = img[y, xs, c]
+        out = tmp[y]
+        out[:] = 0.0
+        for j in range(k):
+            wj = wts[j]
+            seg = row[j * 3:j * 3 + w * 3]
+            for i in range(w * 3):
+                out[i] += wj * seg[i]
+    acc = np.empty(w * 3, np.float32)
+    flat = img.reshape(h, w * 3)
+    for y in range(h):
+        acc[:] = 0.0
+        for j in range(k):
+            src = tmp[_reflect(y + j - radius, h)]
+            wj = wts[j]
+            for i in range(w * 3):
+                acc[i] += wj * src[i]
+        for i in range(w * 3):
+            flat[y, i] = np.uint8(min(max(np.rint(acc[i]), _F0), _F1))
+
+
+# ---------------------------------------------------------------------------------------------- random parameters
+
+
+@_kernel
+def random_resized_crop_params(height, width, key, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
+    """torchvision RandomResizedCrop.get_params with seeded draws: (top, left, h, w) of the crop.
+
+    Ten tries of area ~ U(scale) * H * W and log aspect ~ U(log ratio); the first crop that fits wins,
+    at a uniform position; otherwise the centre crop clipped to the ratio range.
+    """
+    area = np.float64(height) * np.float64(width)
+    for t in range(10):
+        target = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, 4 * t))
+        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * uniform(key, 4 * t + 1))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(uniform(key, 4 * t + 2) * (height - h + 1))
+            j = int(uniform(key, 4 * t + 3) * (width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(log_ratio_lo):
+        w = width
+        h = round(w / math.exp(log_ratio_lo))
+    elif in_ratio > math.exp(log_ratio_hi):
+        h = height
+        w = round(h * math.exp(log_ratio_hi))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@_kernel
+def jitter_params(key, brightness, contrast, saturation, hue):
+    """ColorJitter.get_params with seeded draws: (order of the 4 ops, their 4 factors).
+
+    Order is a uniform permutation (Fisher-Yates); factors are U(max(0, 1 - s), 1 + s) for brightness,
+    contrast and saturation, U(-hue, hue) for hue, as torchvision. Draws 0 (p) is left to the caller.
+    """
+    order = np.arange(4)
+    for k in range(3, 0, -1):
+        j = int(uniform(key, 4 - k) * (k + 1))
+        order[k], order[j] = order[j], order[k]
+    factors = np.empty(4)
+    for n, s in enumerate((brightness, contrast, saturation)):
+        lo = max(0.0, 1.0 - s)
+        factors[n] = lo + (1.0 + s - lo) * uniform(key, 4 + n)
+    factors[3] = -hue + 2.0 * hue * uniform(key, 7)
+    return order, factors
+
+
+@_kernel
+def color_jitter(img, order, factors, brightness, contrast, saturation, hue):
+    """torchvision ColorJitter with known parameters: the four adjustments in ``order``, zero strengths skipped."""
+    for op in order:
+        if op == 0 and brightness > 0:
+            adjust_brightness(img, factors[0])
+        elif op == 1 and contrast > 0:
+            adjust_contrast(img, factors[1])
+        elif op == 2 and saturation > 0:
+            adjust_saturation(img, factors[2])
+        elif op == 3 and hue > 0:
+            adjust_hue(img, factors[3])
+
+
+# ---------------------------------------------------------------------------------------------- batch loops
+# Module-level and cached: these hold the parallel loops, so FFCV's per-loader compile stays small.
+
+
+@_batch
+def flip_batch(images, indices, base, salt_, p):
+    for n in prange(images.shape[0]):
+        if uniform(sample_key(base, indices[n], salt_), 0) < p:
+            hflip(images[n])
+
+
+@_batch
+def jitter_batch(images, indices, base, salt_, p, brightness, contrast, saturation, hue):
+    for n in prange(images.shape[0]):
+        key = sample_key(base, indices[n], salt_)
+        if uniform(key, 0) < p:
+            order, factors = jitter_params(key, brightness, contrast, saturation, hue)
+            color_jitter(images[n], order, factors, brightness, contrast, saturation, hue)
+
+
+@_batch
+def grayscale_batch(images, indices, base, salt_, p):
+    for n in prange(images.shape[0]):
+        if uniform(sample_key(base, indices[n], salt_), 0) < p:
+            to_grayscale(images[n])
+
+
+@_batch
+def blur_batch(images, indices, base, salt_, p, sigma_lo, sigma_hi):
+    for n in prange(images.shape[0]):
+        key = sample_key(base, indices[n], salt_)
+        if uniform(key, 0) < p:
+            sigma = sigma_lo + (sigma_hi - sigma_lo) * uniform(key, 1)
+            gaussian_blur(images[n], sigma, math.ceil(3.0 * sigma))
+
+
+@_batch
+def solarize_batch(images, indices, base, salt_, p, threshold):
+    for n in prange(images.shape[0]):
+        if uniform(sample_key(base, indices[n], salt_), 0) < p:
+            solarize(images[n], threshold)
+
+
+@_batch
+def normalize_batch(images, out, table):
+    """uint8 [B, H, W, 3] -> float32 via a [256, 3] table of (v - mean) / std (FFCV NormalizeImage's method)."""
+    for n in prange(images.shape[0]):
+        src = images[n].reshape(-1, 3)
+        dst = out[n].reshape(-1, 3)
+        for i in range(src.shape[0]):
+            for c in range(3):
+                dst[i, c] = table[src[i, c], c]
+
+
+# ---------------------------------------------------------------------------------------------- FFCV operations
+
+_KEY_CELL = AllocationQuery((1,), np.dtype("<u8"))
+
+
+class SeededOperation(Operation):
+    """An in-place uint8 image op whose random choices are keyed by (seed, epoch, sample, ``salt``).
+
+    Its memory is one key cell per sample slot, filled by SeededLoader (see the module docstring).
+    Subclasses give ``batch_fn`` (a cached parallel loop) and ``args()`` (its constant parameters).
+    """
+
+    batch_fn = None
+
+    def __init__(self, salt_: int) -> None:
+        super().__init__()
+        self.salt = np.uint64(salt_)
+
+    def args(self) -> tuple:
+        raise NotImplementedError
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        return replace(previous_state, jit_mode=True), _KEY_CELL
+
+    def generate_code(self):
+        batch_fn, salt_, args = type(self).batch_fn, self.salt, self.args()
+
+        def seeded_op(images, cell, indices):
+            batch_fn(images, indices, cell[0, 0], salt_, *args)
+            return images
+
+        seeded_op.with_indices = True
+        return seeded_op
+
+
+class RandomFlip(SeededOperation):
+    """Horizontal flip with probability ``p``."""
+
+    batch_fn = flip_batch
+
+    def __init__(self, p: float, salt_: int) -> None:
+        super().__init__(salt_)
+        self.p = float(p)
+
+    def args(self) -> tuple:
+        return (self.p,)
+
+
+class RandomColorJitter(SeededOperation):
+    """RandomApply(ColorJitter(brightness, contrast, saturation, hue), p): hue included, random op order."""
+
+    batch_fn = jitter_batch
+
+    def __init__(self, p: float, brightness: float, contrast: float, saturation: float, hue: float,
+                 salt_: int) -> None:
+        super().__init__(salt_)
+        self.params = tuple(float(v) for v in (p, brightness, contrast, saturation, hue))
+
+    def args(self) -> tuple:
+        return self.params
+
+
+class RandomGrayscale(SeededOperation):
+    """RandomGrayscale(p): luma in all three channels."""
+
+    batch_fn = grayscale_batch
+
+    def __init__(self, p: float, salt_: int) -> None:
+        super().__init__(salt_)
+        self.p = float(p)
+
+    def args(self) -> tuple:
+        return (self.p,)
+
+
+class RandomGaussianBlur(SeededOperation):
+    """RandomApply(GaussianBlur(sigma ~ U(sigma_lo, sigma_hi)), p), kernel 2 ceil(3 sigma) + 1 (MoCo's PIL blur
+    has no kernel size; 3 sigma covers 99.7% of the mass)."""
+
+    batch_fn = blur_batch
+
+    def __init__(self, p: float, sigma_lo: float, sigma_hi: float, salt_: int) -> None:
+        super().__init__(salt_)
+        self.params = (float(p), float(sigma_lo), float(sigma_hi))
+
+    def args(self) -> tuple:
+        return self.params
+
+
+class RandomSolarize(SeededOperation):
+    """RandomApply(Solarize(threshold), p)."""
+
+    batch_fn = solarize_batch
+
+    def __init__(self, p: float, threshold: int, salt_: int) -> None:
+        super().__init__(salt_)
+        self.params = (float(p), int(threshold))
+
+    def args(self) -> tuple:
+        return self.params
+
+
+class Normalize(Operation):
+    """uint8 HWC -> float32 (v - mean) / std per channel, like FFCV's NormalizeImage on the CPU, but its loop is
+    a cached module-level function (FFCV's is compiled again in every loader)."""
+
+    def __init__(self, mean, std) -> None:
+        super().__init__()
+        values = np.arange(256, dtype=np.float64)[:, None]
+        self.table = ((values - np.asarray(mean)[None]) / np.asarray(std)[None]).astype(np.float32)
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        state = replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32))
+        return state, AllocationQuery(previous_state.shape, np.dtype(np.float32))
+
+    def generate_code(self):
+        table = self.table
+
+        def normalize(images, out):
+            normalize_batch(images, out[:images.shape[0]], table)
+            return out[:images.shape[0]]
+
+        return normalize
+
+
+class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCropRGBImageDecoder with crops drawn from (seed, epoch, sample, view).
+
+    The decode loop is FFCV 1.0.2's ResizedCropRGBImageDecoder.generate_code (JPEG or raw read, then
+    libffcv's resize_crop); only the crop parameters differ: random_resized_crop_params instead of
+    get_random_crop's np.random draws. Its memory gains a key cell after FFCV's two buffers.
+    """
+
+    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+                 salt_: int) -> None:
+        super().__init__(output_size)
+        self.scale, self.ratio, self.salt = scale, ratio, np.uint64(salt_)
+
+    @property
+    def get_crop_generator(self):  # required by the abstract base; unused
+        return None
+
+    def declare_state_and_memory(self, previous_state: State):
+        state, (out, temp) = super().declare_state_and_memory(previous_state)
+        return state, (out, temp, _KEY_CELL)
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        salt_ = self.salt
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, cell = my_storage
+            base = cell[0, 0]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                key = sample_key(base, source_ix, salt_)
+                i, j, h, w = random_resized_crop_params(np.int64(height), np.int64(width), key,
+                                                        scale_lo, scale_hi, log_lo, log_hi)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+class _SeededEpochIterator(EpochIterator):
+    """FFCV's EpochIterator that writes the epoch key into every seeded op's key cell before each batch."""
+
+    def __init__(self, loader: SeededLoader, order, key: np.uint64) -> None:
+        self.key = key
+        self.cells = [node.id for node in loader.graph.nodes if _is_seeded(node)]
+        super().__init__(loader, order)  # starts the thread: set everything it reads first
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        for node_id in self.cells:
+            memory = self.memory_allocations["operation"][node_id]
+            (memory[-1] if isinstance(memory, tuple) else memory)[batch_slot] = self.key
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+
+def _is_seeded(node) -> bool:
+    op = getattr(node, "operation", None) or getattr(node, "decoder", None)
+    return isinstance(op, (SeededOperation, SeededRandomResizedCrop))
+
+
+class SeededLoader(Loader):
+    """ffcv.loader.Loader whose seeded operations see ``epoch_key(seed, epoch)``: same seed, same views.
+
+    ``__iter__`` is FFCV 1.0.2's, with the epoch iterator swapped for one that fills the key cells.
+    ``next_epoch`` (settable, as on Loader) picks the epoch, so a resumed run gets the same order and views.
+    """
+
+    def __iter__(self):
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected_order = order[:len(self) * self.batch_size]
+        key = epoch_key(self.seed, self.next_epoch)
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _SeededEpochIterator(self, selected_order, key)

@@ -1,0 +1,77 @@
+"""The Optuna side of a study: the sampler and a Tune searcher that tells Optuna each trial's real outcome."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from study.spec import StudySpec
+from study.status import trial_status
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its ``study.stop()`` once the grid is exhausted.
+
+    That call is legal only inside ``study.optimize``; under Tune it raises inside ``study.tell``, before the
+    trial's state is stored, so the last trial of a grid would stay RUNNING. Tune's ``num_samples`` ends the study.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    s = spec.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "grid":  # ablations: every combination of the choice lists, in a seeded order
+        return GridSampler({p.name: list(p.args) for p in spec.params}, seed=s.seed)
+    # Optuna 5's defaults change with releases: say every setting that matters. group: conditional spaces are
+    # modelled per branch (the joint model of multivariate TPE needs the same parameters in every trial).
+    group = any(p.when for p in spec.params)
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that never tells Optuna a non-finite value and tells it why a trial ended.
+
+    Ray's OptunaSearch tells every trial that ends with a result as COMPLETE with its last value: a trial
+    ASHA pruned, one the instability policy stopped, even one that raised. Here:
+
+    - ``completed`` with a finite value: COMPLETE with that value;
+    - ``pruned``, ``unstable``, ``diverged``, ``collapsed`` (or completed without a finite value): PRUNED, which
+      Optuna scores by the last finite intermediate value and TPE ranks below every completed trial, so the
+      sampler learns to avoid the region instead of ignoring it;
+    - ``failed``: FAIL.
+
+    Intermediate values are reported per epoch, non-finite ones skipped.
+    """
+
+    def __init__(self, *args, epochs: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if _finite(result.get(self.metric)):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        value = (result or {}).get(self.metric)
+        status = trial_status(result, error, self.epochs)
+        if status == "completed" and _finite(value):
+            self._ot_study.tell(self._ot_trials[trial_id], float(value), state=TrialState.COMPLETE,
+                                skip_if_finished=True)
+        else:
+            state = TrialState.FAIL if status == "failed" else TrialState.PRUNED
+            # skip_if_finished: a resumed study may end again a trial told before the driver died
+            self._ot_study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
+        self._completed_trials.add(trial_id)

@@ -1,0 +1,123 @@
+"""A study's life on a real local Ray: launched from the CLI in its own process, the driver killed mid-study,
+resumed, extended with more trials, then inspected with status / best / results.
+
+4 trials, 2 at a time, of a tiny MoCo v3 (vit_test, 2 epochs of 256 images, a checkpoint every epoch).
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from study import runner
+from study.cli import main
+from study.spec import load_spec
+
+STUDY = {
+    "name": "life",
+    "train": {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_dim": 64, "dim": 32,
+              "warmup_epochs": 0.5, "train_subset": 256, "knn_bank_subset": 256, "knn_eval_subset": 128,
+              "checkpoint_every": 1, "monitor_every": 2, "monitor_bank": 128},
+    "resources": {"workers": 1, "cpus_per_worker": 0.9, "driver_cpus": 0.1},
+    "search": {"space": {"base_lr": {"log": [1.0e-4, 1.0e-3]}}, "num_samples": 4, "max_concurrent": 2, "seed": 1},
+    "scheduler": {"type": "fifo"},
+}
+
+
+def trials_table(spec):
+    path = spec.study_dir / "results" / "trials.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("life")
+    path = root / "life.yaml"
+    path.write_text(yaml.safe_dump({**STUDY, "storage": str(root / "runs"), "data_dir": str(root / "data")}))
+    spec = load_spec(path)
+    # The driver in its own process group, so that killing it takes its local Ray down too, as a crash would.
+    driver = subprocess.Popen([sys.executable, "-m", "study", "launch", str(path)], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # kill once a trial has ended and another is half way
+        rows = trials_table(spec)
+        if any(r["status"] == "completed" for r in rows) and any(
+                r["status"] == "running" and r["epochs_done"] >= 1 for r in rows):
+            break
+        assert driver.poll() is None, "the study ended before the driver could be killed"
+        time.sleep(0.5)
+    else:
+        pytest.fail("no trial finished within 10 minutes")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = {r["trial_id"]: r for r in trials_table(spec)}
+    train_files = {t: sorted(p.name for p in (spec.study_dir / "train" / t).rglob("*")) for t, r in before.items()
+                   if r["status"] == "completed"}
+    time.sleep(2)  # let the killed session's processes go
+
+    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
+    try:
+        assert main(["resume", "life", "--storage", str(root / "runs")]) == 0
+        resumed = trials_table(spec)
+        assert main(["extend", str(spec.study_dir), "--trials", "2"]) == 0
+    finally:
+        ray.shutdown()
+    return spec, before, train_files, resumed, trials_table(spec), root
+
+
+def test_resume_finishes_the_study_without_rerunning_finished_trials(lifecycle):
+    spec, before, train_files, resumed, _, _ = lifecycle
+    assert len(resumed) == 4 and all(r["status"] == "completed" for r in resumed), resumed
+    for trial_id, files in train_files.items():  # the finished trials' runs were not touched again
+        again = {r["trial_id"]: r for r in resumed}[trial_id]
+        assert again["time_total_s"] == before[trial_id]["time_total_s"]
+        assert sorted(p.name for p in (spec.study_dir / "train" / trial_id).rglob("*")) == files
+    epochs = pq.read_table(spec.study_dir / "results" / "epochs.parquet").to_pylist()
+    for r in resumed:  # nothing reported was lost, nothing counted twice
+        assert sorted(e["epoch"] for e in epochs if e["trial_id"] == r["trial_id"]) == [1, 2]
+
+
+def test_extend_adds_trials_and_the_sampler_sees_the_old_ones(lifecycle):
+    spec, _, _, resumed, final, _ = lifecycle
+    assert len(final) == 6 and {r["trial_id"] for r in resumed} < {r["trial_id"] for r in final}
+    study = optuna.load_study(study_name="life", storage=f"sqlite:///{spec.study_dir / 'optuna.db'}")
+    assert [t.number for t in study.trials] == list(range(6))  # the new trials continue the same study
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and math.isfinite(t.value) for t in study.trials)
+    # results and Optuna agree on every trial
+    assert sorted(round(t.params["base_lr"], 12) for t in study.trials) == sorted(
+        round(r["base_lr"], 12) for r in final)
+    by_lr = {round(r["base_lr"], 12): r for r in final}
+    for t in study.trials:
+        assert t.value == pytest.approx(by_lr[round(t.params["base_lr"], 12)]["knn_top1"])
+
+
+def test_status_best_and_results_commands(lifecycle, capsys):
+    _, _, _, _, final, root = lifecycle
+    storage = str(root / "runs")
+    assert main(["status", "life", "--storage", storage]) == 0
+    assert "6 completed" in capsys.readouterr().out
+    assert main(["best", "life", "--storage", storage]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert best["metrics"]["knn_top1"] == max(r["knn_top1"] for r in final)
+    assert best["backbone"] and best["backbone"].endswith("backbone.safetensors")
+    assert main(["results", "life", "--storage", storage, "--where", "knn_top1 > 0 and status == 'completed'",
+                 "--sort", "-knn_top1", "--columns", "trial_id", "knn_top1", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["knn_top1"] for r in rows] == sorted((r["knn_top1"] for r in final), reverse=True)
+    assert main(["results", "life", "--storage", storage, "--where", "nope > 1"]) == 2
+    assert "unknown column 'nope'" in capsys.readouterr().err
+
+
+def test_launching_an_existing_study_again_is_refused(lifecycle, capsys):
+    spec, *_ = lifecycle
+    assert main(["launch", spec.source]) == 2
+    assert "already exists" in capsys.readouterr().err
