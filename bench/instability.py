@@ -12,7 +12,7 @@ with and without the frozen random patch projection (``stop_grad_conv1``), run a
   applies) on each run's epoch history: which runs it stops, when, the compute saved, and the mistakes. A run's
   "stable counterpart" is the same rate with the frozen patch projection; "degraded" = ends 2+ points below it.
 
-    .venv/bin/python bench/instability.py                  # about 35 minutes on 2 cores
+    .venv/bin/python bench/instability.py                  # 6 runs of 6 epochs: about 20 minutes on 2 cores
     .venv/bin/python bench/instability.py --epochs 2 --rates 1e-3 1e-1 --train-subset 1024   # smoke run
 """
 
@@ -33,6 +33,7 @@ import ray
 
 from study import runner
 from study.spec import Resources, Scheduler, Search, StudySpec, validate
+from trainers.backbones import VIT_CONFIGS
 from trainers.policy import StopPolicy, verdict
 from trainers.signals import SUMMARY_KEYS
 
@@ -63,9 +64,17 @@ def load(spec: StudySpec) -> tuple[list[dict], dict[str, list[dict]], dict[str, 
     return trials, epochs, traces, pq.read_table(out / "events.parquet").to_pylist()
 
 
-def first_verdict(history: list[dict], policy: StopPolicy) -> tuple[int, str, str] | None:
-    """(epoch, status, reason) of the first enforce-mode verdict on ``history``, or None."""
-    summaries = [{k: r[k] for k in ("epoch", *SUMMARY_KEYS)} for r in history]
+def first_verdict(history: list[dict], policy: StopPolicy, dim: int) -> tuple[int, str, str] | None:
+    """(epoch, status, reason) of the first enforce-mode verdict on ``history``, or None.
+
+    The collapse flag is recomputed from ``collapse_std_min`` with ``policy``'s threshold (features of ``dim``
+    dimensions), so a sweep run with other collapse settings is judged by the current ones; the spike and dip
+    counts are those the sweep measured with its own detector thresholds.
+    """
+    summaries = [{k: r[k] for k in ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)} for r in history]
+    for s in summaries:
+        std = s["collapse_std_min"]
+        s["collapsed"] = float(std is not None and std < policy.collapse_threshold / math.sqrt(dim))
     for n in range(1, len(summaries) + 1):
         if (v := verdict(summaries[:n], policy)) is not None:
             return summaries[n - 1]["epoch"], *v
@@ -126,10 +135,10 @@ def plot(runs: list[tuple[str, dict, list[dict], list[dict]]], threshold: float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=float, nargs="+", default=[5e-4, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--rates", type=float, nargs="+", default=[1e-3, 5e-3, 2e-2])
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-subset", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--train-subset", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--backbone", default="vit_nano_patch4_32")
     p.add_argument("--storage", default="runs")
@@ -172,7 +181,7 @@ def main() -> None:
         if math.isnan(t["knn_top1"]):
             gap = math.inf
         degraded = gap >= 0.02
-        decided = first_verdict(history, policy)
+        decided = first_verdict(history, policy, VIT_CONFIGS[args.backbone]["embed_dim"])
         stop_epoch = decided[0] if decided else None
         quality["epochs_run"] += stop_epoch or args.epochs
         quality["epochs_saved"] += args.epochs - (stop_epoch or args.epochs)

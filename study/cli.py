@@ -203,7 +203,8 @@ def results_cmd(args: argparse.Namespace) -> int:
     where = parse_where(args.where, names) if args.where else None
     table = dataset.to_table(filter=where, columns=args.columns or None)
     if args.sort:
-        table = table.sort_by([(args.sort.lstrip("-"), "descending" if args.sort.startswith("-") else "ascending")])
+        descending = args.desc or args.sort.startswith("-")
+        table = table.sort_by([(args.sort.lstrip("-"), "descending" if descending else "ascending")])
     if args.format == "table":
         print(results.format_table(table))
     elif args.format == "csv":
@@ -246,7 +247,8 @@ def parser() -> argparse.ArgumentParser:
     qp = named("results", "query results tables (one study, or every study under a root)")
     qp.add_argument("--table", choices=("trials", "epochs", "events"), default="trials")
     qp.add_argument("--where", help="filter, e.g. \"status == 'completed' and base_lr > 1e-3\"")
-    qp.add_argument("--sort", help="column to sort by; '-col' sorts descending")
+    qp.add_argument("--sort", help="column to sort by (--sort=-col or --desc: descending)")
+    qp.add_argument("--desc", action="store_true", help="sort descending")
     qp.add_argument("--columns", nargs="+", help="columns to show")
     qp.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     qp.add_argument("--output", help="file for --format parquet")

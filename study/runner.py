@@ -29,7 +29,7 @@ from data.datasets import prepare
 from search_spaces import define_by_run
 from study import results
 from study.progress import ProgressLine
-from study.search import StudySearch, sampler
+from study.search import StudySearch, close_orphans, sampler
 from study.spec import Resources, SpecError, StudySpec, load_spec, snapshot
 from trainers.config import TrainConfig
 from trainers.loop import train_loop_per_worker
@@ -89,7 +89,7 @@ def check_fits(spec: StudySpec, nodes: list[dict[str, float]], where: str) -> No
         total = sum(n.get(kind, 0.0) for n in nodes)
         need = res.per_trial()[kind]
         if per_worker > largest:
-            raise SpecError(f"{src}: resources.{kind.lower()}s_per_worker: {per_worker} {kind} per worker, but the "
+            raise SpecError(f"{src}: resources.{kind.lower()}s_per_worker: {per_worker:g} {kind} per worker, but the "
                             f"largest node of {where} has {largest:g}; accepted: at most {largest:g}")
         if need > total:
             driver = f" + {res.driver_cpus:g} driver" if kind == "CPU" else ""
@@ -241,6 +241,7 @@ def resume_study(spec: StudySpec, address: str | None = None) -> pa.Table:
     connect(spec, address)
     tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                        resume_errored=True).fit()
+    close_orphans(optuna_url(spec), spec.name)
     return results.read(spec.study_dir)
 
 
@@ -250,6 +251,9 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None) -> pa
         raise SpecError(f"--trials: must be >= 1, got {trials}")
     found = experiments(spec.study_dir)
     spec.search.num_samples = trials
+    # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
+    # first trials, whatever the storage holds): seed the extension by how many trials the study has.
+    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=optuna_url(spec)).trials)
     data_paths = prepare_data(spec)
     max_concurrent = connect(spec, address)
     build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()

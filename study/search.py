@@ -72,6 +72,21 @@ class StudySearch(OptunaSearch):
                                 skip_if_finished=True)
         else:
             state = TrialState.FAIL if status == "failed" else TrialState.PRUNED
+            if state == TrialState.PRUNED and _finite(value) and result.get("training_iteration"):
+                # Tune skips on_trial_result for the result that made the scheduler stop the trial: report it,
+                # so that Optuna scores the pruned trial by its last value.
+                self._ot_trials[trial_id].report(float(value), result["training_iteration"])
             # skip_if_finished: a resumed study may end again a trial told before the driver died
             self._ot_study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+
+def close_orphans(storage_url: str, study_name: str) -> int:
+    """Mark FAIL the Optuna trials left RUNNING once every Tune trial has ended: asked by a driver that was
+    killed before its searcher state was saved, they belong to no Tune trial. Returns how many."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in orphans:
+        study._storage.set_trial_user_attr(trial._trial_id, "ssl_study", "orphaned by an interrupted driver")
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    return len(orphans)

@@ -183,6 +183,12 @@ def validate(spec: StudySpec) -> StudySpec:
         _one_of(getattr(cfg, key), accepted, f"{src}: train.{key}")
     for key in ("epochs", "batch_size"):
         _check_positive(getattr(cfg, key), f"{src}: train.{key}")
+    from data.recipes import views_for
+
+    try:
+        views_for(cfg.method, cfg.crop_min, cfg.augment or None)
+    except ValueError as e:
+        raise SpecError(f"{src}: train.augment: {e}") from None
     res = spec.resources
     _check_positive(res.workers, f"{src}: resources.workers")
     if cfg.batch_size % res.workers:

@@ -10,7 +10,8 @@ from trainers.policy import StopPolicy, verdict
 
 
 def epoch(n: int, **signals) -> dict:
-    healthy = {"epoch": n, "spike_episodes": 0.0, "knn_dip_count": 0.0, "epoch_knn_dip": 0.0, "nonfinite": 0.0,
+    healthy = {"epoch": n, "knn_top1": 0.6, "knn_top1_init": 0.58, "spike_episodes": 0.0, "knn_dip_count": 0.0,
+               "epoch_knn_dip": 0.0, "nonfinite": 0.0,
                "collapsed": 0.0, "collapse_std_min": 0.02}
     return {**healthy, **signals}
 
@@ -35,6 +36,7 @@ def test_collapse_is_its_own_status():
     ("spike_episodes", 3.0, "3 gradient spike episodes > 2"),
     ("knn_dip_count", 4.0, "4 dense kNN dips > 3"),
     ("epoch_knn_dip", 0.08, "kNN top-1 0.080 below its best > 0.05"),
+    ("knn_top1", 0.2, "kNN top-1 0.200 is 0.380 below random init's > 0.1"),
 ])
 def test_each_signal_beyond_its_threshold_is_unstable_after_the_grace_period(signal, value, words):
     policy = StopPolicy(grace_epochs=1)

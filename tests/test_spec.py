@@ -44,6 +44,7 @@ def test_default_study_loads():
         ("train", "epochs", "three", "train.epochs: expected int, got 'three'"),
         ("train", "epochs", 0, "train.epochs: must be > 0"),
         ("train", "batch_size", 129, "batch_size 129 does not divide by resources.workers 2"),
+        ("train", "augment", {"blur": 0.5}, "train.augment: unknown view recipe field(s) 'blur'"),
         ("resources", "workrs", 2, "unknown key 'workrs'; did you mean 'workers'?"),
         ("search", "space", {"base_lr": {"log": [1e-3, 1e-4]}}, "empty or inverted range"),
         ("search", "space", {"base_lr": {"log": [0, 1e-4]}}, "base_lr.log: bounds must be > 0"),
@@ -82,10 +83,38 @@ def test_cli_exits_2_with_one_line_before_ray_starts(tmp_path, capsys):
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
+def machine() -> dict[str, int]:
+    import os
+
+    import torch
+
+    return {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("cpus_per_worker", "resources.cpus_per_worker: {} CPU per worker, but the largest node of this machine"),
+    ("gpus_per_worker", "resources.gpus_per_worker: {} GPU per worker, but the largest node of this machine"),
+    ("workers", "resources: a trial needs"),
+])
+def test_resources_this_machine_never_has_exit_2_before_ray_starts(tmp_path, capsys, key, expected):
+    data = yaml.safe_load(DEFAULT_STUDY.read_text())
+    have = machine()
+    value = {"cpus_per_worker": have["CPU"] + 1, "gpus_per_worker": have["GPU"] + 1,
+             "workers": 2 * have["CPU"] + 4}[key]  # 0.45 CPU each: more than the machine holds
+    data["resources"][key] = value
+    data["train"]["batch_size"] = 128 * data["resources"]["workers"]
+    path = write(tmp_path, yaml.safe_dump(data))
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"ssl-study: error: {path}: ") and expected.format(value) in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 def test_dry_run_prints_the_resolved_study(capsys):
     assert main(["launch", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "fmnist-mocov3-lr" in out and "base_lr~log" in out and "2 workers" in out
+    assert "fmnist-mocov3-lr" in out and "base_lr ~ log" in out and "2 workers" in out
+    assert "stopping: enforce" in out and "optuna:  sqlite:///" in out
 
 
 ENTRY_POINTS = [[sys.executable, "-m", "study"], [str(Path(sys.executable).with_name("ssl-study"))]]

@@ -92,3 +92,28 @@ def test_observe_mode_flags_but_stops_nothing(studies):
     assert trial["epochs_done"] == 2 and trial["status"] == "completed"
     assert trial["verdict"] == "diverged" and trial["verdict_epoch"] == 1
     assert [r["stopped"] for r in table(spec, "epochs")] == [0, 0]
+
+
+def test_results_of_several_studies_query_together(studies):
+    import duckdb
+    import pandas as pd
+    import pyarrow.compute as pc
+
+    from study import results
+
+    root = studies["enforce"].study_dir.parent
+    r = results.open(root)
+    assert r.studies == ["enforce", "observe"]
+    trials = r.table("trials")
+    assert sorted(set(trials.column("study").to_pylist())) == ["enforce", "observe"] and trials.num_rows == 3
+    # filters are pushed down to the Parquet scan; schema version and table name travel in the metadata
+    diverged = r.trials.to_table(filter=(pc.field("status") == "diverged") & (pc.field("study") == "enforce"))
+    assert diverged.num_rows == 1 and diverged.column("base_lr").to_pylist() == [DIVERGING]
+    meta = pq.read_schema(studies["enforce"].study_dir / "results" / "events.parquet").metadata
+    assert meta[b"ssl_study.schema_version"] == b"1" and meta[b"ssl_study.table"] == b"events"
+    # pandas and DuckDB read the same files as they are
+    frame = pd.read_parquet(studies["observe"].study_dir / "results" / "trials.parquet")
+    assert list(frame["verdict"]) == ["diverged"]
+    pattern = str(root / "*" / "results" / "epochs.parquet")
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}', union_by_name=true)").fetchall()[0][0]
+    assert count == r.table("epochs").num_rows == 1 + 2 + 2  # diverged: 1 epoch, healthy: 2, observe: 2

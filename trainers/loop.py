@@ -189,7 +189,8 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
     start_epoch, knn_init, history, reported_events = 0, math.nan, [], 0
     trace: list[dict] | None = [] if cfg.trace and signals is not None and rank == 0 else None
     # The run's own latest checkpoint (a restarted trial) wins over an explicit one to start from.
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
@@ -208,6 +209,12 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
         trace = saved["trace"] if trace is not None else None
         reported_events = len(signals.events) if signals is not None else 0
         train_loader.next_epoch = start_epoch  # FFCV seeds each epoch's order with its epoch counter
+        if own is not None:
+            # Report the checkpointed epoch again: a driver killed between this checkpoint's upload and its
+            # report never saw it (the results tables replace a repeated epoch, so a second copy is harmless).
+            ray.train.report({**saved["metrics"], "checkpoint_path": own.path})
+            if saved["metrics"].get("stopped"):
+                return
     else:
         knn_init = knn_top1(net.backbone, bank_loader, test_loader, meta["num_classes"], cfg)["knn_top1"]
 
@@ -269,7 +276,7 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
             metrics.update(signals.epoch_summary())
             metrics["events"] = [{**asdict(e), "epoch": e.epoch + 1} for e in signals.events[reported_events:]]
             reported_events = len(signals.events)
-        history.append({k: metrics.get(k) for k in ("epoch", *SUMMARY_KEYS)})
+        history.append({k: metrics.get(k) for k in ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)})
         judged = dist.broadcast_object(verdict(history, policy), device)  # rank 0's signals decide for all ranks
         stop = judged is not None and policy.mode == "enforce"
         metrics.update(verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
@@ -285,7 +292,7 @@ def fit(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> None:
                          "signals": signals.state_dict() if signals else None,
                          "probe_optimizer": probe.optimizer.state_dict() if probe else None,
                          "rng": rng_state(), "epoch": epoch, "step": step, "knn_top1_init": knn_init,
-                         "history": history, "trace": trace}
+                         "history": history, "trace": trace, "metrics": metrics}
                 torch.save(state, Path(tmp) / "state.pt")
                 if trace is not None:
                     pq.write_table(pa.Table.from_pylist(trace), Path(tmp) / "trace.parquet")

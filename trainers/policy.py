@@ -9,7 +9,9 @@ run, each with its own status:
   of the healthy 1/sqrt(d)).
 - ``unstable``: after ``grace_epochs`` epochs, ``patience`` epochs in a row with more than ``max_spikes`` spike
   episodes of the per-layer gradient norms, or more than ``max_dips`` dense-kNN dips, or an epoch kNN more
-  than ``max_knn_drop`` below the run's best epoch.
+  than ``max_knn_drop`` below the run's best epoch, or more than ``max_below_init`` below the kNN of the same
+  network at random initialisation (a run that unlearns: at too high a rate, seen in bench/instability.py, the
+  kNN falls far below random init from the first epoch on, with no spike and no dip to show for it).
 
 :func:`verdict` is a pure function of the epoch summaries so far: the worker applies it every epoch, and the
 same function replays a finished run's history offline (``bench/instability.py`` rates the policy that way).
@@ -43,7 +45,8 @@ class StopPolicy:
     knn_smooth: int = 5  # the dense kNN of one batch is noisy (about 6 points at batch 64): average a few
     max_dips: int = 3  # dense-kNN dips per epoch allowed
     max_knn_drop: float = 0.05  # epoch kNN top-1 allowed below the run's best epoch
-    collapse_threshold: float = 0.1  # collapse when std < collapse_threshold / sqrt(d)
+    max_below_init: float = 0.10  # epoch kNN top-1 allowed below the kNN at random initialisation
+    collapse_threshold: float = 0.01  # collapse when std < collapse_threshold / sqrt(d) (signals.py says why)
 
     def __post_init__(self) -> None:
         if self.mode not in STOP_MODES:
@@ -52,7 +55,7 @@ class StopPolicy:
             if getattr(self, name) < 0:
                 raise ValueError(f"stopping.{name}: must be >= 0, got {getattr(self, name)!r}")
         for name in ("patience", "knn_smooth", "spike_threshold", "dip_threshold", "max_knn_drop",
-                     "collapse_threshold"):
+                     "max_below_init", "collapse_threshold"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"stopping.{name}: must be > 0, got {getattr(self, name)!r}")
 
@@ -76,11 +79,15 @@ def _unstable_reason(summary: dict, policy: StopPolicy) -> str | None:
         return f"{value('knn_dip_count'):.0f} dense kNN dips > {policy.max_dips}"
     if value("epoch_knn_dip") > policy.max_knn_drop:
         return f"kNN top-1 {value('epoch_knn_dip'):.3f} below its best > {policy.max_knn_drop}"
+    below = value("knn_top1_init") - value("knn_top1") if value("knn_top1") else 0.0
+    if below > policy.max_below_init:
+        return f"kNN top-1 {value('knn_top1'):.3f} is {below:.3f} below random init's > {policy.max_below_init}"
     return None
 
 
 def verdict(history: Sequence[dict], policy: StopPolicy) -> tuple[str, str] | None:
-    """The verdict on a run after the last of its epoch summaries ``history`` (``SUMMARY_KEYS`` + ``epoch``).
+    """The verdict on a run after the last of its epoch summaries ``history`` (``SUMMARY_KEYS``, ``epoch``,
+    ``knn_top1`` and ``knn_top1_init``).
 
     Returns ``(status, reason)`` with status in :data:`VERDICTS`, or None while the run is healthy.
     """
