@@ -10,7 +10,8 @@ with and without the frozen random patch projection (``stop_grad_conv1``), run a
 - whether the frozen patch projection lowers the spike count and raises the final accuracy at high rates;
 - the policy's quality: replaying its enforce-mode verdicts (trainers.policy.verdict, the function the trainer
   applies) on each run's epoch history: which runs it stops, when, the compute saved, and the mistakes. A run's
-  "stable counterpart" is the same rate with the frozen patch projection; "degraded" = ends 2+ points below it.
+  "stable counterpart" is the same rate with the frozen patch projection; "degraded" = ends 2+ points below it,
+  or below the kNN of the same network at random initialisation (when both arms of a rate fail).
 
     .venv/bin/python bench/instability.py                  # 6 runs of 6 epochs: about 20 minutes on 2 cores
     .venv/bin/python bench/instability.py --epochs 2 --rates 1e-3 1e-1 --train-subset 1024   # smoke run
@@ -22,6 +23,7 @@ import argparse
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -79,6 +81,30 @@ def first_verdict(history: list[dict], policy: StopPolicy, dim: int) -> tuple[in
         if (v := verdict(summaries[:n], policy)) is not None:
             return summaries[n - 1]["epoch"], *v
     return None
+
+
+def degradation(trial: dict, by_key: dict) -> float:
+    """How far the run ends below its stable counterpart (same rate, frozen patch projection); inf if NaN."""
+    counterpart = by_key.get((trial["base_lr"], True))
+    if math.isnan(trial["knn_top1"]):
+        return math.inf
+    return counterpart["knn_top1"] - trial["knn_top1"] if counterpart else math.nan
+
+
+def quality(trials: list[dict], epochs: dict, by_key: dict, policy: StopPolicy, dim: int, budget: int) -> dict:
+    """Replay ``policy`` on every run: degraded runs caught by half the budget, healthy runs stopped, epochs saved."""
+    q = {"degraded": 0, "caught": 0, "healthy": 0, "mistakes": 0, "saved": 0, "budget": budget * len(trials)}
+    for t in trials:
+        decided = first_verdict(epochs[t["trial_id"]], policy, dim)
+        stop = decided[0] if decided else None
+        q["saved"] += budget - (stop or budget)
+        if degradation(t, by_key) >= 0.02 or t["knn_top1"] < t["knn_top1_init"]:
+            q["degraded"] += 1
+            q["caught"] += int(stop is not None and stop <= budget / 2)
+        else:
+            q["healthy"] += 1
+            q["mistakes"] += int(stop is not None)
+    return q
 
 
 def leads(trace: list[dict], events: list[dict], window: int) -> dict[str, list[int]]:
@@ -165,8 +191,7 @@ def main() -> None:
           f"{args.backbone}; {wall / 60:.1f} min wall\n")
     print(f"{'base_lr':>8} {'frozen':>6} {'final':>6} {'best':>6} {'spk_ep':>6} {'dips':>4} {'led%':>5} "
           f"{'lead':>5} {'vs_cp':>6}  policy (enforce replay)")
-    quality = {"degraded": 0, "degraded_caught_early": 0, "healthy": 0, "healthy_stopped": 0,
-               "epochs_run": 0, "epochs_saved": 0}
+    dim = VIT_CONFIGS[args.backbone]["embed_dim"]
     lead_last, lead_dip = [], []
     for t in trials:
         tid, history = t["trial_id"], epochs[t["trial_id"]]
@@ -176,21 +201,9 @@ def main() -> None:
         lead_dip += found["dense_knn"]
         led = [r["first_layer_led_frac"] for r in history if not math.isnan(r["first_layer_led_frac"])]
         lead_steps = [r["first_layer_lead_steps"] for r in history if not math.isnan(r["first_layer_lead_steps"])]
-        counterpart = by_key.get((t["base_lr"], True))
-        gap = (counterpart["knn_top1"] - t["knn_top1"]) if counterpart else math.nan
-        if math.isnan(t["knn_top1"]):
-            gap = math.inf
-        degraded = gap >= 0.02
-        decided = first_verdict(history, policy, VIT_CONFIGS[args.backbone]["embed_dim"])
-        stop_epoch = decided[0] if decided else None
-        quality["epochs_run"] += stop_epoch or args.epochs
-        quality["epochs_saved"] += args.epochs - (stop_epoch or args.epochs)
-        if degraded:
-            quality["degraded"] += 1
-            quality["degraded_caught_early"] += int(stop_epoch is not None and stop_epoch <= args.epochs / 2)
-        else:
-            quality["healthy"] += 1
-            quality["healthy_stopped"] += int(stop_epoch is not None)
+        gap = degradation(t, by_key)
+        degraded = gap >= 0.02 or t["knn_top1"] < t["knn_top1_init"]
+        decided = first_verdict(history, policy, dim)
         said = f"{decided[1]} at epoch {decided[0]}: {decided[2]}" if decided else "runs to the end"
         print(f"{t['base_lr']:8.2g} {t['stop_grad_conv1']!s:>6} {t['knn_top1']:6.3f} {t['knn_top1_best']:6.3f} "
               f"{t['spike_episodes']:6.0f} {t['knn_dips']:4.0f} "
@@ -210,16 +223,23 @@ def main() -> None:
               f"{sum(t['spike_episodes'] for t in arm):.0f}, mean final kNN "
               f"{statistics.mean(t['knn_top1'] for t in arm if not math.isnan(t['knn_top1'])):.3f}"
               if arm else "")
-    q = quality
-    print(f"\npolicy {policy}:\n  degraded runs caught by half budget: {q['degraded_caught_early']}/{q['degraded']}; "
-          f"healthy runs stopped by mistake: {q['healthy_stopped']}/{q['healthy']}; compute saved "
-          f"{q['epochs_saved']}/{q['epochs_saved'] + q['epochs_run']} epochs")
+    print(f"\npolicy quality (enforce-mode replay; degraded = 2+ points below its counterpart or below random init):"
+          f"\n  default: {policy}")
+    for name, variant in (("default", policy), ("max_spikes=1", replace(policy, max_spikes=1)),
+                          ("max_spikes=0", replace(policy, max_spikes=0))):
+        q = quality(trials, epochs, by_key, variant, dim, args.epochs)
+        print(f"  {name:>12}: degraded runs caught by half budget {q['caught']}/{q['degraded']}; healthy runs "
+              f"stopped by mistake {q['mistakes']}/{q['healthy']}; compute saved {q['saved']}/{q['budget']} epochs")
 
     unfrozen = [t for t in trials if not t["stop_grad_conv1"] and t["trial_id"] in traces]
     stable = min(unfrozen, key=lambda t: (t["spike_episodes"] + t["knn_dips"], -t["knn_top1"]))
     unstable = max(unfrozen, key=lambda t: (t["spike_episodes"] + t["knn_dips"], t["base_lr"]))
-    figure = plot([(name, t, traces[t["trial_id"]], [e for e in events if e["trial_id"] == t["trial_id"]])
-                   for name, t in (("stable", stable), ("unstable", unstable))],
+
+    def label(t: dict) -> str:
+        return "degraded" if degradation(t, by_key) >= 0.02 or t["knn_top1"] < t["knn_top1_init"] else "stable"
+
+    figure = plot([(label(t), t, traces[t["trial_id"]], [e for e in events if e["trial_id"] == t["trial_id"]])
+                   for t in (stable, unstable)],
                   policy.spike_threshold, spec.study_dir / "instability.png")
     print(f"\nfigure: {figure}")
 

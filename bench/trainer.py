@@ -13,6 +13,7 @@ The baseline of each row is MoCo v3 in the same configuration, measured in the s
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -82,6 +83,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--signals", action="store_true", help="also each method with the instability signals hook")
     args = p.parse_args()
+    torch.set_num_threads(os.cpu_count())  # importing FFCV (through trainers.loop) sets it to 1
     if args.gpu_config:
         device, dtype = torch.device("cuda"), torch.bfloat16
         backbone, img, batch, steps, mlp_dim, compiles = "vit_small_patch16_224", 224, args.batch or 128, \
