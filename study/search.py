@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from contextlib import suppress
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -60,7 +62,8 @@ class StudySearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if _finite(result.get(self.metric)):
-            super().on_trial_result(trial_id, result)
+            with suppress(UpdateFinishedTrialError):  # a resumed study may restart a trial Optuna saw end
+                super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -75,7 +78,8 @@ class StudySearch(OptunaSearch):
             if state == TrialState.PRUNED and _finite(value) and result.get("training_iteration"):
                 # Tune skips on_trial_result for the result that made the scheduler stop the trial: report it,
                 # so that Optuna scores the pruned trial by its last value.
-                self._ot_trials[trial_id].report(float(value), result["training_iteration"])
+                with suppress(UpdateFinishedTrialError):
+                    self._ot_trials[trial_id].report(float(value), result["training_iteration"])
             # skip_if_finished: a resumed study may end again a trial told before the driver died
             self._ot_study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
