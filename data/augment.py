@@ -441,23 +441,22 @@ class SeededOperation(Operation):
     """An in-place uint8 image op whose random choices are keyed by (seed, epoch, sample, ``salt``).
 
     Its memory is one key cell per sample slot, filled by SeededLoader (see the module docstring).
-    Subclasses give ``batch_fn`` (a cached parallel loop) and ``args()`` (its constant parameters).
+    Subclasses give ``batch_fn`` (a cached parallel loop) and pass its constant parameters, in its order, as
+    ``params``.
     """
 
     batch_fn = None
 
-    def __init__(self, salt_: int) -> None:
+    def __init__(self, salt_: int, *params) -> None:
         super().__init__()
         self.salt = np.uint64(salt_)
-
-    def args(self) -> tuple:
-        raise NotImplementedError
+        self.params = params
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
         return replace(previous_state, jit_mode=True), _KEY_CELL
 
     def generate_code(self):
-        batch_fn, salt_, args = type(self).batch_fn, self.salt, self.args()
+        batch_fn, salt_, args = type(self).batch_fn, self.salt, self.params
 
         def seeded_op(images, cell, indices):
             batch_fn(images, indices, cell[0, 0], salt_, *args)
@@ -473,11 +472,7 @@ class RandomFlip(SeededOperation):
     batch_fn = flip_batch
 
     def __init__(self, p: float, salt_: int) -> None:
-        super().__init__(salt_)
-        self.p = float(p)
-
-    def args(self) -> tuple:
-        return (self.p,)
+        super().__init__(salt_, float(p))
 
 
 class RandomColorJitter(SeededOperation):
@@ -487,11 +482,7 @@ class RandomColorJitter(SeededOperation):
 
     def __init__(self, p: float, brightness: float, contrast: float, saturation: float, hue: float,
                  salt_: int) -> None:
-        super().__init__(salt_)
-        self.params = tuple(float(v) for v in (p, brightness, contrast, saturation, hue))
-
-    def args(self) -> tuple:
-        return self.params
+        super().__init__(salt_, *(float(v) for v in (p, brightness, contrast, saturation, hue)))
 
 
 class RandomGrayscale(SeededOperation):
@@ -500,11 +491,7 @@ class RandomGrayscale(SeededOperation):
     batch_fn = grayscale_batch
 
     def __init__(self, p: float, salt_: int) -> None:
-        super().__init__(salt_)
-        self.p = float(p)
-
-    def args(self) -> tuple:
-        return (self.p,)
+        super().__init__(salt_, float(p))
 
 
 class RandomGaussianBlur(SeededOperation):
@@ -514,11 +501,7 @@ class RandomGaussianBlur(SeededOperation):
     batch_fn = blur_batch
 
     def __init__(self, p: float, sigma_lo: float, sigma_hi: float, salt_: int) -> None:
-        super().__init__(salt_)
-        self.params = (float(p), float(sigma_lo), float(sigma_hi))
-
-    def args(self) -> tuple:
-        return self.params
+        super().__init__(salt_, float(p), float(sigma_lo), float(sigma_hi))
 
 
 class RandomSolarize(SeededOperation):
@@ -527,11 +510,7 @@ class RandomSolarize(SeededOperation):
     batch_fn = solarize_batch
 
     def __init__(self, p: float, threshold: int, salt_: int) -> None:
-        super().__init__(salt_)
-        self.params = (float(p), int(threshold))
-
-    def args(self) -> tuple:
-        return self.params
+        super().__init__(salt_, float(p), int(threshold))
 
 
 class Normalize(Operation):
