@@ -91,6 +91,11 @@ def degradation(trial: dict, by_key: dict) -> float:
     return counterpart["knn_top1"] - trial["knn_top1"] if counterpart else math.nan
 
 
+def is_degraded(trial: dict, by_key: dict) -> bool:
+    """Ends 2+ points below its stable counterpart, or below the same network at random initialisation."""
+    return degradation(trial, by_key) >= 0.02 or trial["knn_top1"] < trial["knn_top1_init"]
+
+
 def quality(trials: list[dict], epochs: dict, by_key: dict, policy: StopPolicy, dim: int, budget: int) -> dict:
     """Replay ``policy`` on every run: degraded runs caught by half the budget, healthy runs stopped, epochs saved."""
     q = {"degraded": 0, "caught": 0, "healthy": 0, "mistakes": 0, "saved": 0, "budget": budget * len(trials)}
@@ -98,7 +103,7 @@ def quality(trials: list[dict], epochs: dict, by_key: dict, policy: StopPolicy, 
         decided = first_verdict(epochs[t["trial_id"]], policy, dim)
         stop = decided[0] if decided else None
         q["saved"] += budget - (stop or budget)
-        if degradation(t, by_key) >= 0.02 or t["knn_top1"] < t["knn_top1_init"]:
+        if is_degraded(t, by_key):
             q["degraded"] += 1
             q["caught"] += int(stop is not None and stop <= budget / 2)
         else:
@@ -202,7 +207,7 @@ def main() -> None:
         led = [r["first_layer_led_frac"] for r in history if not math.isnan(r["first_layer_led_frac"])]
         lead_steps = [r["first_layer_lead_steps"] for r in history if not math.isnan(r["first_layer_lead_steps"])]
         gap = degradation(t, by_key)
-        degraded = gap >= 0.02 or t["knn_top1"] < t["knn_top1_init"]
+        degraded = is_degraded(t, by_key)
         decided = first_verdict(history, policy, dim)
         said = f"{decided[1]} at epoch {decided[0]}: {decided[2]}" if decided else "runs to the end"
         print(f"{t['base_lr']:8.2g} {t['stop_grad_conv1']!s:>6} {t['knn_top1']:6.3f} {t['knn_top1_best']:6.3f} "
@@ -236,7 +241,7 @@ def main() -> None:
     unstable = max(unfrozen, key=lambda t: (t["spike_episodes"] + t["knn_dips"], t["base_lr"]))
 
     def label(t: dict) -> str:
-        return "degraded" if degradation(t, by_key) >= 0.02 or t["knn_top1"] < t["knn_top1_init"] else "stable"
+        return "degraded" if is_degraded(t, by_key) else "stable"
 
     figure = plot([(label(t), t, traces[t["trial_id"]], [e for e in events if e["trial_id"] == t["trial_id"]])
                    for t in (stable, unstable)],
