@@ -83,15 +83,13 @@ def print_summary(spec: StudySpec, trials) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated whole before Ray starts
-    if not args.address:
-        from study import runner
-
-        runner.check_fits(spec, runner.local_nodes(), "this machine")
-    if args.dry_run:
-        print(describe(spec, args.address))
-        return 0
     from study import runner  # heavy imports (Ray, torch) only once the spec is known good
 
+    if args.dry_run:
+        if not args.address:  # a real launch checks in runner.connect, before Ray starts
+            runner.check_fits(spec, runner.local_nodes(), "this machine")
+        print(describe(spec, args.address))
+        return 0
     print_summary(spec, runner.run_study(spec, address=args.address))
     return 0
 

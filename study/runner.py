@@ -153,7 +153,8 @@ def connect(spec: StudySpec, address: str | None) -> int:
         check_fits(spec, local_nodes(), "this machine")
     start_ray(address)
     nodes = cluster_nodes()
-    check_fits(spec, nodes, f"the cluster at {address}" if address else "this machine")
+    if address:
+        check_fits(spec, nodes, f"the cluster at {address}")
     if len(nodes) > 1 and not is_shared(spec.storage):
         raise SpecError(f"{spec.source}: storage: {spec.storage!r} is a local path, but the cluster has "
                         f"{len(nodes)} nodes and every node writes checkpoints there; use shared storage "
@@ -225,8 +226,8 @@ def run_study(spec: StudySpec, address: str | None = None) -> pa.Table:
         raise SpecError(f"{spec.source}: name: study {spec.name!r} already exists in {spec.study_dir}; "
                         f"`ssl-study resume {spec.name}` continues it, `ssl-study extend {spec.name} --trials N` "
                         f"adds trials, or choose another name")
+    max_concurrent = connect(spec, address)  # checks the resources before Ray starts or any file is written
     data_paths = prepare_data(spec)
-    max_concurrent = connect(spec, address)
     save_spec(spec)
     build_tuner(spec, data_paths, max_concurrent=max_concurrent).fit()
     return results.read(spec.study_dir)
@@ -237,8 +238,8 @@ def resume_study(spec: StudySpec, address: str | None = None) -> pa.Table:
     found = experiments(spec.study_dir)
     if not found or not tune.Tuner.can_restore(str(found[-1])):
         raise SpecError(f"{spec.study_dir}: nothing to resume (no Tune experiment state); launch the study instead")
-    data_paths = prepare_data(spec)
     connect(spec, address)
+    data_paths = prepare_data(spec)
     tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                        resume_errored=True).fit()
     close_orphans(optuna_url(spec), spec.name)
@@ -254,7 +255,7 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None) -> pa
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
     spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=optuna_url(spec)).trials)
-    data_paths = prepare_data(spec)
     max_concurrent = connect(spec, address)
+    data_paths = prepare_data(spec)
     build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()
     return results.read(spec.study_dir)
