@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
-import yaml
+from studies import run_studies, write_study
 
-from study import report, runner
-from study.spec import SpecError, load_spec
+from study import report
+from study.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = {
@@ -30,15 +29,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    path = root / "tiny-report.yaml"
-    path.write_text(yaml.safe_dump({**STUDY, "storage": str(root / "runs"), "data_dir": str(ROOT / "datasets")}))
-    spec = load_spec(path)
-    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
-    try:
-        runner.run_study(spec)
-    finally:
-        ray.shutdown()
+    spec = write_study(tmp_path_factory.mktemp("report"), STUDY, data_dir=ROOT / "datasets")
+    run_studies(spec)
     return spec, pq.read_table(spec.study_dir / "results" / "trials.parquet").to_pylist()
 
 

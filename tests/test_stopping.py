@@ -10,11 +10,7 @@ import math
 import optuna
 import pyarrow.parquet as pq
 import pytest
-import ray
-import yaml
-
-from study import runner
-from study.spec import load_spec
+from studies import run_studies, write_study
 
 HEALTHY, DIVERGING = 1.5e-4, 1.0e4
 TRAIN = {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_dim": 64, "dim": 32,
@@ -22,16 +18,14 @@ TRAIN = {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_d
 
 
 def study(root, name, rates, mode):
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "storage": str(root / "runs"), "data_dir": str(root / "data"), "train": TRAIN,
+    return write_study(root, {
+        "name": name, "train": TRAIN,
         "resources": {"workers": 2, "cpus_per_worker": 0.45, "driver_cpus": 0.1},
         "search": {"space": {"base_lr": {"choice": rates}}, "sampler": "grid", "num_samples": len(rates),
                    "max_concurrent": 2},
         "scheduler": {"type": "fifo"},
         "stopping": {"mode": mode},
-    }))
-    return load_spec(path)
+    })
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +33,7 @@ def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("stopping")
     specs = {"enforce": study(root, "enforce", [HEALTHY, DIVERGING], "enforce"),
              "observe": study(root, "observe", [DIVERGING], "observe")}
-    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
-    try:
-        for spec in specs.values():
-            runner.run_study(spec)
-    finally:
-        ray.shutdown()
+    run_studies(*specs.values())
     return specs
 
 

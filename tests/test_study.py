@@ -7,11 +7,7 @@ import math
 import optuna
 import pyarrow.parquet as pq
 import pytest
-import ray
-import yaml
-
-from study import runner
-from study.spec import load_spec
+from studies import run_studies, write_study
 
 STUDY = {
     "name": "tiny",
@@ -26,16 +22,9 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**STUDY, "storage": str(root / "runs"), "data_dir": str(root / "data")}))
-    spec = load_spec(path)
-    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
-    try:
-        trials = runner.run_study(spec)
-    finally:
-        ray.shutdown()
-    return spec, trials
+    spec = write_study(tmp_path_factory.mktemp("study"), STUDY)
+    run_studies(spec)
+    return spec, pq.read_table(spec.study_dir / "results" / "trials.parquet")
 
 
 def test_every_trial_is_in_the_parquet_table(finished):

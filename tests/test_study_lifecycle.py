@@ -16,11 +16,10 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
+from studies import write_study
 
 from study import runner
 from study.cli import main
-from study.spec import load_spec
 
 STUDY = {
     "name": "life",
@@ -41,9 +40,8 @@ def trials_table(spec):
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory):
     root = tmp_path_factory.mktemp("life")
-    path = root / "life.yaml"
-    path.write_text(yaml.safe_dump({**STUDY, "storage": str(root / "runs"), "data_dir": str(root / "data")}))
-    spec = load_spec(path)
+    spec = write_study(root, STUDY)
+    path = spec.source
     # The driver in its own process group, so that killing it takes its local Ray down too, as a crash would.
     driver = subprocess.Popen([sys.executable, "-m", "study", "launch", str(path)], cwd=root,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
