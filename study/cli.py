@@ -9,6 +9,9 @@
     ssl-study report NAME [--params A B]                       PNG figures and an HTML page of the results
     ssl-study submit SPEC --address http://HEAD:8265           run a study on a cluster as a Ray Job
     ssl-study convert SOURCE OUT [--write-mode ...]            an image folder or built-in set -> FFCV files
+    ssl-study replay [RECORD] [--sampler ...] [--scheduler ...] [--stopping ...] [--policy KEY=VALUE ...] [--seeds N]
+                                                               replay a finished observe-mode study (or the
+                                                               shipped record) under other search settings
 
 NAME is a study directory or a study name under ``--storage`` (default ``runs``). Bad input exits with code 2
 and a one-line message naming the file, key or value, before any Ray resource is spent.
@@ -216,6 +219,73 @@ def results_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_overrides(items: list[str]) -> dict:
+    from trainers.policy import StopPolicy
+
+    fields = StopPolicy.__dataclass_fields__
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key == "mode":
+            raise SpecError(f"--policy {item!r}: expected KEY=VALUE with KEY one of: "
+                            f"{', '.join(k for k in fields if k != 'mode')}")
+        kind = int if fields[key].type in ("int", int) else float
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise SpecError(f"--policy {key}: expected {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def replay_cmd(args: argparse.Namespace) -> int:
+    from study import replay
+
+    record = replay.load_record(args.name, args.storage)  # a one-line error for a missing or unfit record
+    strategy = replay.Strategy(name=f"{args.sampler}-{args.scheduler}-{args.stopping}", sampler=args.sampler,
+                               scheduler=args.scheduler, stopping=args.stopping,
+                               policy=_policy_overrides(args.policy or []), metric=args.metric,
+                               constraints=args.constraints, startup_trials=args.startup_trials,
+                               grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    if args.seeds < 1:
+        raise SpecError(f"--seeds: must be >= 1, got {args.seeds}")
+    if not 0 < args.budget <= 10:
+        raise SpecError(f"--budget: a fraction of the grid's compute in (0, 10], got {args.budget:g}")
+    replay.replay_spec(record, strategy, 1, 0, Path("."))  # checks the policy before Ray starts
+    from study import runner
+
+    grid = len(record.runs) * record.epochs
+    best = record.best_cell()
+    print(f"record {record.name}: {sum(len(r) for r in record.runs.values())} runs in {len(record.runs)} cells "
+          f"({', '.join(record.axes)}), {record.epochs} epochs each; the grid costs {grid} epochs "
+          f"({record.seconds / 3600:.2f} h recorded); best cell {_cell(record, best)}: mean final kNN "
+          f"{record.truth(best):.4f}")
+    runner.start_ray(None, object_store_memory=128 * 2**20)
+    outcomes = []
+    for seed in range(args.seeds):
+        ended = replay.replay(record, strategy, seed=seed, trials=args.trials, budget=round(args.budget * grid))
+        outcomes.append(ended)
+        if args.seeds == 1:
+            print(f"\n{'trial':>5} {'cell':<48} {'seed':>4} {'status':>9} {'epochs':>6} {args.metric:>9}  why")
+            for e in ended:
+                print(f"{e.trial:5d} {_cell(record, e.cell):<48} {e.seed:4d} {e.status:>9} {e.epochs:6d} "
+                      f"{e.value:9.4f}  {e.stopped_reason}")
+    print(f"\n{'seed':>4} {'trials':>6} {'stopped':>7} {'epochs':>6} {'of grid':>7} {'hours':>6}  best configuration "
+          f"found (mean final kNN; regret to the best cell)")
+    for seed, ended in enumerate(outcomes):
+        last = ended[-1] if ended else None
+        stopped = sum(e.status not in ("completed", "budget") for e in ended)
+        found = (f"{_cell(record, last.incumbent)} ({last.incumbent_truth:.4f}; "
+                 f"{record.truth(best) - last.incumbent_truth:+.4f})" if last and last.incumbent else "none completed")
+        used = last.epochs_used if last else 0
+        print(f"{seed:4d} {len(ended):6d} {stopped:7d} {used:6d} {used / grid:7.0%} "
+              f"{(last.seconds_used if last else 0) / 3600:6.2f}  {found}")
+    return 0
+
+
+def _cell(record, cell) -> str:
+    return ", ".join(f"{a}={v}" for a, v in zip(record.axes, cell, strict=True))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-study", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -262,6 +332,26 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("convert", help="convert an image folder, fashion_mnist or mnist to FFCV files")
     add_convert_arguments(cp)
     cp.set_defaults(func=convert_from_args)
+
+    rp = sub.add_parser("replay", help="replay a recorded observe-mode study under other search settings")
+    rp.add_argument("name", nargs="?", default="mocov3-fmnist-grid",
+                    help="a finished observe-mode study (directory or name under --storage) or a shipped record "
+                         "under bench/records/ (default: mocov3-fmnist-grid)")
+    rp.add_argument("--storage", default="runs")
+    rp.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
+    rp.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    rp.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first rung")
+    rp.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/N at each rung")
+    rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
+                    help="the instability policy's mode in the replay")
+    rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE", help="override the recorded stopping thresholds")
+    rp.add_argument("--metric", choices=("knn_top1", "rankme"), default="knn_top1")
+    rp.add_argument("--constraints", action="store_true", help="stopped or flagged trials as constraint violations")
+    rp.add_argument("--startup-trials", type=int, default=10, help="TPE's random trials before it models")
+    rp.add_argument("--seeds", type=int, default=1, help="replay seeds (sampler seed and which recorded seed plays)")
+    rp.add_argument("--trials", type=int, default=None, help="at most this many trials (default: until the budget)")
+    rp.add_argument("--budget", type=float, default=1.0, help="compute budget as a fraction of the grid's")
+    rp.set_defaults(func=replay_cmd)
 
     sp = sub.add_parser("submit", help="send a study to a Ray cluster as a Ray Job (token auth handled)")
     submit.add_submit_arguments(sp)

@@ -29,11 +29,12 @@ from study.spec import StudySpec
 from study.status import trial_status
 from trainers.signals import SUMMARY_KEYS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rankme and epoch_time_s
 TABLES = ("trials", "epochs", "events")
 
-EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_k200", "knn_top1_init", "dense_knn_last",
-                 "dense_knn_min", "online_probe_top1", "images_per_s", "step_time_s", *SUMMARY_KEYS)
+EPOCH_METRICS = ("epoch", "loss", "lr", "moco_m", "knn_top1", "knn_top1_k200", "knn_top1_init", "rankme",
+                 "dense_knn_last", "dense_knn_min", "online_probe_top1", "images_per_s", "step_time_s",
+                 "epoch_time_s", *SUMMARY_KEYS)
 _KEY = [("study", pa.string()), ("trial_id", pa.string())]
 EPOCHS_SCHEMA = pa.schema([*_KEY, ("epoch", pa.int64()),
                            *[(m, pa.float64()) for m in EPOCH_METRICS if m != "epoch"],
@@ -42,7 +43,8 @@ EVENTS_SCHEMA = pa.schema([*_KEY, ("step", pa.int64()), ("epoch", pa.int64()), (
                            ("layer", pa.string()), ("magnitude", pa.float64())])
 _TRIAL_COLUMNS = [
     ("status", pa.string()), ("epochs_done", pa.int64()), ("knn_top1", pa.float64()),
-    ("knn_top1_best", pa.float64()), ("knn_top1_init", pa.float64()), ("loss", pa.float64()),
+    ("knn_top1_best", pa.float64()), ("knn_top1_init", pa.float64()), ("rankme", pa.float64()),
+    ("loss", pa.float64()),
     ("verdict", pa.string()), ("verdict_reason", pa.string()), ("verdict_epoch", pa.int64()),
     ("spike_episodes", pa.float64()), ("knn_dips", pa.float64()), ("max_spike_ratio", pa.float64()),
     ("events", pa.int64()), ("time_total_s", pa.float64()), ("workers", pa.int64()),
@@ -172,6 +174,7 @@ class ResultsWriter(Callback):
             "knn_top1": history[-1]["knn_top1"] if history else math.nan,
             "knn_top1_best": _finite_max(r["knn_top1"] for r in history),
             "knn_top1_init": history[0]["knn_top1_init"] if history else math.nan,
+            "rankme": history[-1]["rankme"] if history else math.nan,
             "loss": history[-1]["loss"] if history else math.nan,
             "verdict": flagged["verdict"] if flagged else None,
             "verdict_reason": flagged["verdict_reason"] if flagged else None,

@@ -175,25 +175,38 @@ def trainable(spec: StudySpec, data_paths: dict[str, str]):
     return tune.with_resources(tune.with_parameters(run, base=base), {"CPU": spec.resources.driver_cpus})
 
 
-def build_tuner(spec: StudySpec, data_paths: dict[str, str], experiment: str = "tune",
-                max_concurrent: int | None = None) -> tune.Tuner:
-    epochs = spec.train_config().epochs
+def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> StudySearch:
+    """The study's Optuna searcher (its sampler, metric and space), on ``storage`` (default: the study's RDB)."""
     # A define-by-run space creates the Optuna study at once, so metric and mode go here as well.
-    search = StudySearch(space=define_by_run(spec.params), metric=spec.search.metric, mode=spec.search.mode,
-                         sampler=sampler(spec), study_name=spec.name,
-                         storage=optuna.storages.RDBStorage(optuna_url(spec)), epochs=epochs)
+    return StudySearch(space=define_by_run(spec.params), metric=spec.search.metric, mode=spec.search.mode,
+                       sampler=sampler(spec), study_name=spec.name,
+                       storage=storage or optuna.storages.RDBStorage(optuna_url(spec)),
+                       epochs=spec.train_config().epochs, constraints=spec.search.constraints)
+
+
+def build_scheduler(spec: StudySpec):
     if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+        return ASHAScheduler(time_attr="epoch", max_t=spec.train_config().epochs,
+                             grace_period=spec.scheduler.grace_period,
+                             reduction_factor=spec.scheduler.reduction_factor)
+    return FIFOScheduler()
+
+
+def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, experiment: str = "tune",
+                max_concurrent: int | None = None, *, run=None, search: StudySearch | None = None,
+                callbacks: list | None = None, stop=None, reuse_actors: bool = False) -> tune.Tuner:
+    """The study's Tune experiment: its searcher, scheduler and trainable (default: the real trainer; a replay
+    passes its own ``run``, ``search`` on an in-memory Optuna storage, ``callbacks`` and a budget ``stop``)."""
     return tune.Tuner(
-        trainable(spec, data_paths),
-        tune_config=tune.TuneConfig(metric=spec.search.metric, mode=spec.search.mode, search_alg=search,
-                                    scheduler=scheduler, num_samples=spec.search.num_samples,
-                                    max_concurrent_trials=max_concurrent or spec.search.max_concurrent or 1),
-        run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0,
-                                  callbacks=[results.ResultsWriter(spec), ProgressLine(spec)]),
+        run or trainable(spec, data_paths),
+        tune_config=tune.TuneConfig(metric=spec.search.metric, mode=spec.search.mode,
+                                    search_alg=search or build_search(spec), scheduler=build_scheduler(spec),
+                                    num_samples=spec.search.num_samples,
+                                    max_concurrent_trials=max_concurrent or spec.search.max_concurrent or 1,
+                                    reuse_actors=reuse_actors),
+        run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
+                                  callbacks=callbacks if callbacks is not None else
+                                  [results.ResultsWriter(spec), ProgressLine(spec)]),
     )
 
 

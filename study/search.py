@@ -12,6 +12,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from study.spec import StudySpec
 from study.status import trial_status
+from trainers.policy import VERDICTS
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -34,7 +35,8 @@ def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     # Optuna 5's defaults change with releases: say every setting that matters. group: conditional spaces are
     # modelled per branch (the joint model of multivariate TPE needs the same parameters in every trial).
     group = any(p.when for p in spec.params)
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group)
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group,
+                                      n_startup_trials=s.startup_trials)
 
 
 def _finite(value) -> bool:
@@ -54,13 +56,28 @@ class StudySearch(OptunaSearch):
     - ``failed``: FAIL.
 
     Intermediate values are reported per epoch, non-finite ones skipped.
+
+    With ``constraints``, a trial the instability policy stopped or, in observe mode, flagged (any epoch with a
+    verdict) also gets the constraint ``instability`` = 1 (0 for the others): TPE then puts it in its
+    infeasible group, below every feasible trial, and learns where the stable region is. Every suggested config
+    carries ``optuna_trial``, the Optuna trial number (the replay seeds its draw with it).
     """
 
-    def __init__(self, *args, epochs: int, **kwargs) -> None:
+    def __init__(self, *args, epochs: int, constraints: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.epochs = epochs
+        self.constraints = constraints
+        self._flagged: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and trial_id in self._ot_trials:
+            config = {**config, "optuna_trial": self._ot_trials[trial_id].number}
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get("verdict"):
+            self._flagged.add(trial_id)
         if _finite(result.get(self.metric)):
             with suppress(UpdateFinishedTrialError):  # a resumed study may restart a trial Optuna saw end
                 super().on_trial_result(trial_id, result)
@@ -70,16 +87,23 @@ class StudySearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         value = (result or {}).get(self.metric)
         status = trial_status(result, error, self.epochs)
+        if self.constraints and status != "failed":
+            violated = status in VERDICTS or trial_id in self._flagged or bool((result or {}).get("verdict"))
+            with suppress(UpdateFinishedTrialError):
+                self._ot_trials[trial_id].set_constraint("instability", float(violated))
         if status == "completed" and _finite(value):
             self._ot_study.tell(self._ot_trials[trial_id], float(value), state=TrialState.COMPLETE,
                                 skip_if_finished=True)
         else:
             state = TrialState.FAIL if status == "failed" else TrialState.PRUNED
-            if state == TrialState.PRUNED and _finite(value) and result.get("training_iteration"):
+            step = result.get("training_iteration") if result else None
+            ot_trial = self._ot_trials[trial_id]
+            if (state == TrialState.PRUNED and _finite(value) and step
+                    and step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values):
                 # Tune skips on_trial_result for the result that made the scheduler stop the trial: report it,
                 # so that Optuna scores the pruned trial by its last value.
                 with suppress(UpdateFinishedTrialError):
-                    self._ot_trials[trial_id].report(float(value), result["training_iteration"])
+                    ot_trial.report(float(value), step)
             # skip_if_finished: a resumed study may end again a trial told before the driver died
             self._ot_study.tell(self._ot_trials[trial_id], state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)

@@ -22,7 +22,7 @@ from trainers.config import TrainConfig
 from trainers.policy import StopPolicy
 
 DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
-METRICS = ("knn_top1", "loss")
+METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
@@ -55,6 +55,10 @@ class Search:
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None  # Optuna RDB URL (postgresql://... on clusters); None: SQLite in the study dir
+    # Trials the instability policy stopped or flagged (unstable, diverged, collapsed) become constraint
+    # violations the sampler models (TPE's feasibility split), instead of only PRUNED trials ranked low.
+    constraints: bool = False
+    startup_trials: int = 10  # TPE samples at random for its first trials (Optuna's default 10)
 
 
 @dataclass
@@ -207,6 +211,7 @@ def validate(spec: StudySpec) -> StudySpec:
         raise SpecError(f"{src}: storage: {spec.storage!r}: give a path (on clusters, an NFS mount shared by "
                         f"every node); object-store URLs are not supported yet")
     _check_positive(s.num_samples, f"{src}: search.num_samples")
+    _check_positive(s.startup_trials, f"{src}: search.startup_trials")
     if s.max_concurrent is not None:
         _check_positive(s.max_concurrent, f"{src}: search.max_concurrent")
     hints = typing.get_type_hints(TrainConfig)
@@ -251,11 +256,16 @@ def load_spec(path: str | Path | None = None) -> StudySpec:
     """Read and validate a study file (the bundled default study when ``path`` is None)."""
     path = Path(path) if path is not None else DEFAULT_STUDY
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: study file not found") from None
+    except UnicodeDecodeError as e:
+        kind = "a binary file" if b"\0" in path.read_bytes()[:4096] else "not UTF-8 text"
+        raise SpecError(f"{path}: {kind} (byte {e.start}); a study file is YAML text in UTF-8") from None
     except OSError as e:
         raise SpecError(f"{path}: cannot read the study file ({e.strerror})") from None
+    if not text.strip():
+        raise SpecError(f"{path}: the study file is empty; start from {DEFAULT_STUDY}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

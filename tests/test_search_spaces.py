@@ -102,3 +102,22 @@ def test_grid_refuses_conditional_spaces_and_batch_sizes_must_divide(tmp_path):
     path.write_text(yaml.safe_dump({"name": "p", "search": {"space": {"batch_size": {"choice": [64, 99]}}}}))
     with pytest.raises(SpecError, match=r"search\.space\.batch_size: batch size 99 does not divide by resources"):
         load_spec(path)
+
+
+def test_grid_ablations_run_every_cell_to_the_end_and_tuning_presets_keep_asha(tmp_path):
+    """An ablation compares every cell at its full budget (FIFO) and only observes instability; the presets
+    that tune (TPE) keep ASHA and the enforced policy's default."""
+    kinds = {"batch_lr": "fifo", "momentum": "fifo", "patch_projection": "fifo", "frameworks": "fifo",
+             "temperature": "asha", "optimizer": "asha"}
+    assert set(kinds) == set(PRESETS)  # a new preset has to be placed here
+    for name, scheduler in kinds.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "preset": name, "preset_scale": 0.0625,
+                                        "data_dir": str(tmp_path / "data"),
+                                        "train": {"backbone": "vit_test_patch4_32"}}))
+        spec = load_spec(path)
+        assert spec.scheduler.type == scheduler, name
+        if scheduler == "fifo":
+            assert spec.search.sampler == "grid" and spec.stopping.mode == "observe", name
+        else:
+            assert spec.search.sampler == "tpe" and spec.stopping.mode == "enforce", name

@@ -126,3 +126,21 @@ def test_module_and_console_entry_points(tmp_path, entry):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == f"ssl-study: error: {tmp_path / 'missing.yaml'}: study file not found"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "a binary file (byte 0); a study file is YAML text in UTF-8"),
+        ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 9); a study file is YAML text in UTF-8"),
+        (b"", "the study file is empty"),
+        (b"  \n\n", "the study file is empty"),
+    ],
+)
+def test_unreadable_study_files_give_one_line_and_exit_2(tmp_path, capsys, content, expected):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"ssl-study: error: {path}: {expected}")

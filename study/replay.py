@@ -1,0 +1,378 @@
+"""Replay a recorded study through the real search stack, without training.
+
+A record is a finished observe-mode study (every run to its full budget under FIFO, the policy's verdicts only
+recorded): a study directory, or a record folder under ``bench/records/`` (its study files beside the exported
+``trials``/``epochs``/``events`` tables). Its runs are grouped by cell (the searched parameters other than
+``seed``); a cell with several seeds holds several runs.
+
+A replay is an ordinary Tune experiment built by :func:`study.runner.build_tuner`: the same
+:class:`~study.search.StudySearch` (Optuna's sampler), the same ASHA or FIFO scheduler, and a trainable,
+:func:`replay_trial`, that plays one recorded run of the suggested cell back epoch by epoch (its metrics, signal
+summaries and events) and applies the same :func:`trainers.policy.verdict` to them as the trainer does, so
+``enforce`` stops the run where the trainer would have. Nothing of ASHA, TPE or the policy is re-implemented.
+Compute is counted in epochs played (and the recorded seconds of those epochs); a replay's answer is the
+best completed trial by the study metric, and its quality the mean final kNN top-1 of that cell over the
+record's seeds (what the configuration is worth, not the luck of the seed that was played).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import statistics
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from study.spec import SpecError, StudySpec, _build
+from study.status import trial_status
+from trainers.policy import StopPolicy, verdict
+from trainers.signals import SUMMARY_KEYS
+
+DETECTOR_FIELDS = ("spike_threshold", "dip_threshold", "knn_smooth")  # fixed by the recording's detectors
+RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
+DEFAULT_RECORD = "mocov3-fmnist-grid"
+
+
+@dataclass
+class Run:
+    trial_id: str
+    seed: int
+    epochs: list[dict]  # epochs-table rows, in order
+    events: dict[int, list[dict]]  # by epoch
+
+    @property
+    def final(self) -> float:
+        v = self.epochs[-1]["knn_top1"]
+        return v if v is not None and math.isfinite(v) else math.nan
+
+
+@dataclass
+class Record:
+    """The runs of a recorded study, by cell."""
+
+    name: str
+    axes: dict[str, list]  # searched parameter -> recorded values (seed left out)
+    runs: dict[tuple, list[Run]]  # cell (values in axes order) -> runs, by seed
+    epochs: int
+    stopping: StopPolicy  # the policy the record ran with (its detector thresholds are fixed)
+    feature_dim: int  # of the features the collapse std was measured on
+    seconds: float = field(default=0.0)  # recorded seconds of every epoch of every run
+
+    def cell(self, config: dict) -> tuple:
+        return tuple(config[a] for a in self.axes)
+
+    def truth(self, cell: tuple) -> float:
+        """The cell's worth: mean final kNN top-1 over its seeds (a diverged seed counts as 0)."""
+        return statistics.mean(0.0 if math.isnan(r.final) else r.final for r in self.runs[cell])
+
+    def best_cell(self) -> tuple:
+        return max(self.runs, key=self.truth)
+
+    def pick(self, cell: tuple, seed: int, draw: int) -> Run:
+        """The run of ``cell`` a replay with ``seed`` plays for its ``draw``-th trial (deterministic)."""
+        runs = self.runs[cell]
+        return runs[random.Random(f"{seed}:{draw}:{cell}").randrange(len(runs))]
+
+    def space(self) -> dict:
+        return {a: {"choice": values} for a, values in self.axes.items()}
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the recorded study file ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: not a study file (expected a mapping)")
+    return data
+
+
+def _sources(name: str, storage: str) -> tuple[str, list[dict], Path]:
+    """The recorded study files and the folder holding their tables, for a study or a record folder."""
+    for folder in (Path(name), Path(storage) / name, RECORDS / name):
+        if (folder / "study.yaml").is_file() and (folder / "results" / "trials.parquet").is_file():
+            return folder.name, [_yaml(folder / "study.yaml")], folder / "results"
+        if (folder / "trials.parquet").is_file() and list(folder.glob("*.yaml")):
+            return folder.name, [_yaml(f) for f in sorted(folder.glob("*.yaml"))], folder
+    shipped = ", ".join(sorted(p.parent.name for p in RECORDS.glob("*/trials.parquet"))) or "none"
+    raise SpecError(f"{name}: no record found (a finished study directory or name under {storage}/, or a record "
+                    f"under {RECORDS}: {shipped})")
+
+
+def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: bool = True) -> Record:
+    """Read a record; a study not run to its full budget in observe mode is refused with one line, and so is
+    a grid with missing cells (a search over it would suggest them) unless ``whole_grid`` is False."""
+    from trainers.backbones import VIT_CONFIGS
+
+    label, studies, tables = _sources(name, storage)
+    for s in studies:
+        mode = (s.get("stopping") or {}).get("mode", "enforce")
+        scheduler = (s.get("scheduler") or {}).get("type", "asha")
+        if mode != "observe" or scheduler != "fifo":
+            raise SpecError(f"{name}: study {s.get('name')!r} ran with stopping.mode {mode!r} and scheduler "
+                            f"{scheduler!r}; a replay needs every run to its full budget: stopping.mode: observe "
+                            f"and scheduler.type: fifo")
+    first = studies[0]
+    train = first.get("train") or {}
+    axes: dict[str, list] = {}
+    for s in studies:
+        for key, dist in ((s.get("search") or {}).get("space") or {}).items():
+            if key != "seed":
+                if not isinstance(dist, dict) or "choice" not in dist:
+                    raise SpecError(f"{name}: search.space.{key}: a record needs choice lists (a grid); got {dist!r}")
+                axes[key] = sorted(set(axes.get(key, [])) | set(dist["choice"]))
+    trials = pq.read_table(tables / "trials.parquet").to_pylist()
+    epochs = pq.read_table(tables / "epochs.parquet").to_pylist()
+    events = pq.read_table(tables / "events.parquet").to_pylist() if (tables / "events.parquet").exists() else []
+    by_trial: dict[tuple, list[dict]] = {}
+    for row in epochs:
+        by_trial.setdefault((row["study"], row["trial_id"]), []).append(row)
+    events_by: dict[tuple, dict[int, list[dict]]] = {}
+    for e in events:
+        events_by.setdefault((e["study"], e["trial_id"]), {}).setdefault(e["epoch"], []).append(e)
+    budget = int(train.get("epochs", 3))
+    runs: dict[tuple, list[Run]] = {}
+    for t in trials:
+        history = sorted(by_trial.get((t["study"], t["trial_id"]), []), key=lambda r: r["epoch"])
+        if t["status"] != "completed" or len(history) != budget:  # failed or unfinished runs are not replayed
+            continue
+        run = Run(t["trial_id"], int(t.get("seed") or 0), history, events_by.get((t["study"], t["trial_id"]), {}))
+        runs.setdefault(tuple(t[a] for a in axes), []).append(run)
+    if not runs:
+        raise SpecError(f"{name}: the record holds no run completed to its {budget} epochs")
+    axes = {a: [v for v in values if any(c[i] == v for c in runs)] for i, (a, values) in enumerate(axes.items())}
+    if whole_grid and len(runs) != math.prod(map(len, axes.values())):
+        raise SpecError(f"{name}: the record covers {len(runs)} of the {math.prod(map(len, axes.values()))} cells "
+                        f"of its grid; finish it first (`ssl-study resume`, or bench/record.py)")
+    for cell in runs:
+        runs[cell].sort(key=lambda r: r.seed)
+    stopping = _build(StopPolicy, first.get("stopping") or {}, f"{name}: stopping")
+    backbone = train.get("backbone", "vit_nano_patch4_32")
+    dim = VIT_CONFIGS[backbone]["embed_dim"] if backbone in VIT_CONFIGS else 2048
+    seconds = sum(r["epoch_time_s"] or 0.0 for rs in runs.values() for run in rs for r in run.epochs)
+    return Record(label, axes, runs, budget, stopping, dim, seconds)
+
+
+def replay_policy(record: Record, mode: str, overrides: dict) -> StopPolicy:
+    """The recorded policy with ``overrides``; the spike and dip detectors cannot change offline."""
+    for key in overrides:
+        if key in DETECTOR_FIELDS and overrides[key] != getattr(record.stopping, key):
+            raise SpecError(f"--policy {key}: the record measured spikes and dips with {key} "
+                            f"{getattr(record.stopping, key)!r}; a replay can change: "
+                            f"{', '.join(k for k in StopPolicy.__dataclass_fields__ if k not in DETECTOR_FIELDS)}")
+    try:
+        return replace(record.stopping, mode=mode, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"--policy: {e}") from None
+
+
+def summary(row: dict, policy: StopPolicy, feature_dim: int) -> dict:
+    """The epoch summary :func:`trainers.policy.verdict` judges, with the collapse flag of ``policy``'s threshold."""
+    s = {k: row.get(k) for k in ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)}
+    std = s.get("collapse_std_min")
+    s["collapsed"] = float(std is not None and std < policy.collapse_threshold / math.sqrt(feature_dim))
+    return s
+
+
+def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int) -> None:
+    """Tune function trainable: report one recorded run of the suggested cell, epoch by epoch, as the trainer
+    reported it, and stop where ``policy`` (enforce) would have stopped the real run."""
+    from ray import tune
+
+    run = record.pick(record.cell(config), seed, int(config.get("optuna_trial", 0)))
+    history = []
+    for row in run.epochs:
+        history.append(summary(row, policy, record.feature_dim))
+        judged = verdict(history, policy)
+        stop = judged is not None and policy.mode == "enforce"
+        metrics = {k: v for k, v in row.items() if k not in ("study", "trial_id", "verdict", "verdict_reason",
+                                                              "stopped")}
+        if stop and judged[0] == "diverged":  # the trainer does not evaluate a diverged model
+            metrics.update(knn_top1=math.nan, knn_top1_k200=math.nan, rankme=math.nan)
+        metrics.update(events=[{k: e[k] for k in ("step", "epoch", "kind", "layer", "magnitude")}
+                               for e in run.events.get(row["epoch"], [])],
+                       verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
+                       stopped=int(stop), replayed_trial=run.trial_id, replayed_seed=run.seed)
+        tune.report(metrics)
+        if stop:
+            return
+
+
+# ----------------------------------------------------------------------------------------- the experiment
+
+
+@dataclass
+class Strategy:
+    """What a replay varies: the study file's search, scheduler and stopping sections."""
+
+    name: str
+    sampler: str = "tpe"
+    scheduler: str = "fifo"
+    stopping: str = "observe"  # the policy's mode
+    policy: dict = field(default_factory=dict)  # StopPolicy overrides
+    metric: str = "knn_top1"
+    constraints: bool = False
+    startup_trials: int = 10
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+def replay_spec(record: Record, strategy: Strategy, trials: int, seed: int, root: Path) -> StudySpec:
+    """The study a replay runs: the record's grid as the space, ``strategy``'s search, scheduler and stopping.
+    Nothing trains, so nothing is checked against a dataset or the machine's resources."""
+    from study.spec import Resources, Scheduler, Search
+
+    return StudySpec(
+        name=f"replay-{record.name}-{strategy.name}-{seed}", storage=str(root), train={"epochs": record.epochs},
+        resources=Resources(workers=1, cpus_per_worker=0.01, driver_cpus=0.01, check=False),
+        search=Search(space=record.space(), num_samples=trials, max_concurrent=1, metric=strategy.metric,
+                      mode="max", sampler=strategy.sampler, seed=seed, constraints=strategy.constraints,
+                      startup_trials=strategy.startup_trials),
+        scheduler=Scheduler(type=strategy.scheduler, grace_period=strategy.grace_period,
+                            reduction_factor=strategy.reduction_factor),
+        stopping=replay_policy(record, strategy.stopping, strategy.policy), source=f"replay {strategy.name}")
+
+
+@dataclass
+class Ended:
+    """One trial as it ended in a replay, with the compute spent so far and the study's answer at that point."""
+
+    epochs_used: int  # epochs played by the whole replay when this trial ended
+    seconds_used: float
+    trial: int  # Optuna trial number
+    cell: tuple
+    seed: int
+    status: str
+    epochs: int  # epochs this trial played
+    value: float  # its last value of the study metric
+    stopped_reason: str
+    incumbent: tuple | None  # the study's answer so far: the best completed cell (by the study metric), or while
+    # none has completed, the best cell of the trials stopped early
+    incumbent_truth: float
+
+
+def _ledger_class():
+    from ray.tune import Callback, Stopper
+
+    class Ledger(Callback, Stopper):
+        """Counts the compute of every reported epoch, stops the experiment at ``budget`` epochs, and records
+        every trial's end with the study's answer at that point (the driver's order of events)."""
+
+        def __init__(self, record: Record, metric: str, budget: int, epochs: int) -> None:
+            self.record, self.metric, self.budget, self.epochs = record, metric, budget, epochs
+            self.used, self.seconds, self.ended = 0, 0.0, []
+            self.played: dict[str, int] = {}
+            self.done: set[str] = set()
+            self.best: tuple[tuple[bool, float], tuple] | None = None
+
+        def __call__(self, trial_id: str, result: dict) -> bool:  # Stopper: never stops a single trial
+            return False
+
+        def stop_all(self) -> bool:
+            return self.used >= self.budget
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.used += 1
+            self.seconds += float(result.get("epoch_time_s") or 0.0)
+            self.played[trial.trial_id] = self.played.get(trial.trial_id, 0) + 1
+            if self.used >= self.budget:  # the experiment ends now: this trial ends with this result
+                self._end(trial, error=False, last=result, cut=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._end(trial, error=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._end(trial, error=True)
+
+        def _end(self, trial, error: bool, last: dict | None = None, cut: bool = False) -> None:
+            last = last or trial.last_result or {}
+            if not last.get("epoch") or trial.trial_id in self.done:
+                return  # never reported (the budget ended the experiment before it started), or already ended
+            self.done.add(trial.trial_id)
+            status = trial_status(last, error, self.epochs)
+            if cut and status == "pruned":
+                status = "budget"  # cut short because the replay's budget ran out, not by ASHA
+            value = last.get(self.metric)
+            value = float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
+            cell = self.record.cell(trial.config)
+            # The answer is what `ssl-study best` would give now: the best completed trial, or while none has
+            # completed, the best of those stopped early (by their last value).
+            if not math.isnan(value):
+                done = status == "completed"
+                key = (done, value)
+                if self.best is None or key > self.best[0]:
+                    self.best = (key, cell)
+            incumbent = self.best[1] if self.best else None
+            self.ended.append(Ended(
+                self.used, self.seconds, int(trial.config.get("optuna_trial", -1)), cell,
+                int(last.get("replayed_seed", -1)), status, self.played.get(trial.trial_id, 0), value,
+                last.get("verdict_reason") if last.get("stopped") else "", incumbent,
+                self.record.truth(incumbent) if incumbent else math.nan))
+
+    return Ledger
+
+
+@contextmanager
+def _replay_environment():
+    """A replay is thousands of sub-second trials: no TensorBoard/CSV/JSON files per trial, no experiment-state
+    snapshot every few seconds (about a third of the replay's time), no per-trial console output. Restored after,
+    so that a real study later in the same process keeps Tune's defaults."""
+    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "3600",
+                "RAY_AIR_NEW_OUTPUT": "0"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | None = None,
+           budget: int | None = None, out: Path | None = None, optuna_storage=None) -> list[Ended]:
+    """One replay of ``record`` under ``strategy``; needs a running Ray (``runner.start_ray``).
+
+    ``trials`` defaults to the grid's size (one trial per cell) for the grid and to as many as the budget
+    allows otherwise; ``budget`` (epochs) defaults to what the grid costs: every cell to the end once.
+    ``out``: keep the replay as a study directory there, with its results tables (``ssl-study results``);
+    ``optuna_storage``: the Optuna storage the searcher uses (default: in memory).
+    """
+    import optuna
+
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from study import results, runner
+
+    grid = len(record.runs) * record.epochs
+    budget = budget or grid
+    trials = trials or (len(record.runs) if strategy.sampler == "grid" else budget)
+    with tempfile.TemporaryDirectory(prefix="ssl-study-replay-") as root:
+        spec = replay_spec(record, strategy, trials, seed, Path(out or root).resolve().parent if out else Path(root))
+        if out:
+            spec.name = Path(out).name
+        run = runner.tune.with_parameters(replay_trial, record=record, policy=spec.stopping, seed=seed)
+        run = runner.tune.with_resources(run, {"CPU": 0.01})
+        ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
+        search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())
+        callbacks = [ledger, *([results.ResultsWriter(spec)] if out else [])]
+        with _replay_environment():
+            runner.build_tuner(spec, run=run, search=search, callbacks=callbacks, stop=ledger,
+                               reuse_actors=True).fit()
+        if out:
+            runner.save_spec(spec)
+    return ledger.ended
+
+
+def fraction_grid(ended: Sequence[Ended], record: Record) -> float:
+    return (ended[-1].epochs_used if ended else 0) / (len(record.runs) * record.epochs)
