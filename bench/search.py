@@ -5,8 +5,8 @@ Tune's ASHA, the instability policy; only the training is played back), repeated
 sampler's seed and which recorded seed of a cell plays). Compute is counted in epochs; the grid is every cell
 run once to the end (the record's cells x epochs). For each strategy, over the seeds (median, quartiles):
 
-- the compute to reach within 1 point of the grid's best (the best cell's mean final kNN over its seeds),
-  as a fraction of the grid's compute (inf when the budget ran out first);
+- the compute from which on the answer stays within 1 point of the grid's best (the best cell's mean final kNN
+  over its seeds), as a fraction of the grid's compute (inf when the budget ran out first);
 - the regret (best cell minus the answer's mean final kNN) at 25% and 50% of the grid's compute, where the
   answer is what `ssl-study best` would give then: the best completed trial by the study metric, or the best
   trial stopped early while none has completed (no trial yet: the regret of an average cell);
@@ -25,12 +25,17 @@ import functools
 import math
 import multiprocessing
 import statistics
+import sys
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from study import replay as rp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/calibrate.py
 
 STRATEGIES = {
     "grid": rp.Strategy("grid", sampler="grid"),
@@ -39,14 +44,33 @@ STRATEGIES = {
     "random+asha": rp.Strategy("random+asha", sampler="random", scheduler="asha"),
     "tpe+asha": rp.Strategy("tpe+asha", scheduler="asha"),
     "tpe+asha+policy": rp.Strategy("tpe+asha+policy", scheduler="asha", stopping="enforce"),
-    # improvements (issue 14): instability as constraint violations; TPE modelling sooner; the label-free metric
-    "tpe+asha+policy+constraints": rp.Strategy("tpe+asha+policy+constraints", scheduler="asha", stopping="enforce",
-                                               constraints=True),
-    "tpe5+asha+policy+constraints": rp.Strategy("tpe5+asha+policy+constraints", scheduler="asha",
-                                                stopping="enforce", constraints=True, startup_trials=5),
-    "tpe+asha+policy(rankme)": rp.Strategy("tpe+asha+policy(rankme)", scheduler="asha", stopping="enforce",
-                                           metric="rankme"),
+    # improvements (issue 14): the policy calibrated on the record (bench/calibrate.py, label "best": runs 2+ points
+    # below the best cell of their batch size); "+rerun": without the searcher's duplicate check (a configuration
+    # that already ran is run again, as before); instability as constraint violations; TPE modelling sooner and
+    # ASHA keeping a third at each rung; the label-free metric
+    "tpe+asha+calibrated": rp.Strategy("tpe+asha+calibrated", scheduler="asha", stopping="enforce",
+                                       policy="calibrated"),
+    "tpe+asha+calibrated+rerun": rp.Strategy("tpe+asha+calibrated+rerun", scheduler="asha", stopping="enforce",
+                                             rerun_duplicates=True),
+    "tpe+asha+calibrated+constraints": rp.Strategy("tpe+asha+calibrated+constraints", scheduler="asha",
+                                                   stopping="enforce", constraints=True),
+    "tpe5+asha3+calibrated+constraints": rp.Strategy("tpe5+asha3+calibrated+constraints", scheduler="asha",
+                                                     stopping="enforce", constraints=True,
+                                                     startup_trials=5, reduction_factor=3),
+    "tpe+asha+calibrated(rankme)": rp.Strategy("tpe+asha+calibrated(rankme)", scheduler="asha", stopping="enforce",
+                                               policy="calibrated", metric="rankme"),
 }
+
+
+CALIBRATED = {name for name in STRATEGIES if "calibrated" in name}  # their policy comes from calibrated()
+
+
+def calibrated(record: rp.Record) -> dict:
+    """The policy bench/calibrate.py chooses on the whole record for stopping runs not worth finishing."""
+    import calibrate
+
+    policy, _ = calibrate.choose(record, sorted(record.runs), calibrate.failures(record, "best"), record.stopping)
+    return {k: getattr(policy, k) for k in calibrate.GRID}
 
 
 def answer_at(ended: list[rp.Ended], epochs: float) -> float:
@@ -63,7 +87,13 @@ def score(ended: list[rp.Ended], record: rp.Record) -> dict:
     grid = len(record.runs) * record.epochs
     best = record.truth(record.best_cell())
     average = statistics.mean(record.truth(c) for c in record.runs)
-    reach = next((e.epochs_used / grid for e in ended if e.incumbent_truth >= best - 0.01), math.inf)
+    # from when on the answer stays within 1 point (an answer can get worse: a completed trial with a luckier
+    # seed displaces a better cell's)
+    reach = math.inf
+    for e in reversed(ended):
+        if not e.incumbent_truth >= best - 0.01:
+            break
+        reach = e.epochs_used / grid
 
     def regret(fraction: float) -> float:
         worth = answer_at(ended, fraction * grid)
@@ -94,8 +124,9 @@ def plot(curves: dict[str, list[list[rp.Ended]]], record: rp.Record, path: Path)
     for name, runs in curves.items():
         ys = np.array([[answer_at(ended, x * grid) for x in xs] for ended in runs])
         ys = np.where(np.isnan(ys), np.nan, ys)
-        lo, mid, hi = (np.nanquantile(ys, q, axis=0) if np.isfinite(ys).any() else xs * np.nan
-                       for q in (0.25, 0.5, 0.75))
+        with warnings.catch_warnings():  # before a strategy's first answer every seed is NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, mid, hi = (np.nanquantile(ys, q, axis=0) for q in (0.25, 0.5, 0.75))
         (line,) = ax.plot(xs, mid, lw=1.8, label=name)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
     ax.axhline(best, color="k", lw=0.8, ls="--", label="best cell (mean over seeds)")
@@ -117,9 +148,12 @@ def _start_ray() -> None:
     runner.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
 
 
-def _replay(task: tuple[str, str, int]) -> list[rp.Ended]:
-    record, name, seed = task
-    return rp.replay(_record(record), STRATEGIES[name], seed=seed)
+def _replay(task: tuple[str, str, int, dict]) -> list[rp.Ended]:
+    record, name, seed, policy = task
+    strategy = STRATEGIES[name]
+    if name in CALIBRATED:
+        strategy = replace(strategy, policy=policy)
+    return rp.replay(_record(record), strategy, seed=seed)
 
 
 @functools.cache
@@ -143,15 +177,19 @@ def main() -> None:
           f"epochs ({record.seconds / runs / 60:.1f} min per run recorded); best cell "
           f"{dict(zip(record.axes, best, strict=True))}: {record.truth(best):.4f}")
     curves: dict[str, list[list[rp.Ended]]] = {name: [] for name in args.strategies}
-    tasks = [(args.record, name, seed) for name in args.strategies for seed in range(args.seeds)]
+    policy = calibrated(record)
+    print(f"calibrated policy: {policy}")
+    tasks = [(args.record, name, seed, policy) for name in args.strategies for seed in range(args.seeds)]
     tic = time.perf_counter()
     # Replays are independent: each process runs its share on a local Ray of its own (one replay at a time, so
     # each replay stays deterministic).
     with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_start_ray) as pool:
-        for (_, name, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
+        for (_, name, _, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
             curves[name].append(ended)
             if len(curves[name]) == args.seeds:
                 print(f"  {name}: done at {time.perf_counter() - tic:.0f} s", flush=True)
+        pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
+        pool.join()
     print(f"\n{args.seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); "
           f"regret in kNN points; median [quartiles]")
     print(f"{'strategy':>30} {'to within 1 pt':>20} {'regret@25%':>18} {'regret@50%':>18} {'best found':>10} "

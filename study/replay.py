@@ -76,10 +76,11 @@ class Record:
     def best_cell(self) -> tuple:
         return max(self.runs, key=self.truth)
 
-    def pick(self, cell: tuple, seed: int, draw: int) -> Run:
-        """The run of ``cell`` a replay with ``seed`` plays for its ``draw``-th trial (deterministic)."""
+    def pick(self, cell: tuple, seed: int) -> Run:
+        """The run of ``cell`` that replay ``seed`` plays: each replay seed is one world in which every
+        configuration has one outcome, as in a real study whose runs are seeded (a repeat trains the same)."""
         runs = self.runs[cell]
-        return runs[random.Random(f"{seed}:{draw}:{cell}").randrange(len(runs))]
+        return runs[random.Random(f"{seed}:{cell}").randrange(len(runs))]
 
     def space(self) -> dict:
         return {a: {"choice": values} for a, values in self.axes.items()}
@@ -187,7 +188,7 @@ def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int)
     reported it, and stop where ``policy`` (enforce) would have stopped the real run."""
     from ray import tune
 
-    run = record.pick(record.cell(config), seed, int(config.get("optuna_trial", 0)))
+    run = record.pick(record.cell(config), seed)
     history = []
     for row in run.epochs:
         history.append(summary(row, policy, record.feature_dim))
@@ -221,6 +222,7 @@ class Strategy:
     metric: str = "knn_top1"
     constraints: bool = False
     startup_trials: int = 10
+    rerun_duplicates: bool = False
     grace_period: int = 1
     reduction_factor: int = 2
 
@@ -235,7 +237,7 @@ def replay_spec(record: Record, strategy: Strategy, trials: int, seed: int, root
         resources=Resources(workers=1, cpus_per_worker=0.01, driver_cpus=0.01, check=False),
         search=Search(space=record.space(), num_samples=trials, max_concurrent=1, metric=strategy.metric,
                       mode="max", sampler=strategy.sampler, seed=seed, constraints=strategy.constraints,
-                      startup_trials=strategy.startup_trials),
+                      startup_trials=strategy.startup_trials, rerun_duplicates=strategy.rerun_duplicates),
         scheduler=Scheduler(type=strategy.scheduler, grace_period=strategy.grace_period,
                             reduction_factor=strategy.reduction_factor),
         stopping=replay_policy(record, strategy.stopping, strategy.policy), source=f"replay {strategy.name}")

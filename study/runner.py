@@ -181,7 +181,8 @@ def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = 
     return StudySearch(space=define_by_run(spec.params), metric=spec.search.metric, mode=spec.search.mode,
                        sampler=sampler(spec), study_name=spec.name,
                        storage=storage or optuna.storages.RDBStorage(optuna_url(spec)),
-                       epochs=spec.train_config().epochs, constraints=spec.search.constraints)
+                       epochs=spec.train_config().epochs, constraints=spec.search.constraints,
+                       rerun_duplicates=spec.search.rerun_duplicates)
 
 
 def build_scheduler(spec: StudySpec):

@@ -43,6 +43,9 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+MAX_REASKS = 50  # asks per Tune trial before a duplicate configuration is run after all (an exhausted space)
+
+
 class StudySearch(OptunaSearch):
     """OptunaSearch that never tells Optuna a non-finite value and tells it why a trial ended.
 
@@ -60,20 +63,49 @@ class StudySearch(OptunaSearch):
     With ``constraints``, a trial the instability policy stopped or, in observe mode, flagged (any epoch with a
     verdict) also gets the constraint ``instability`` = 1 (0 for the others): TPE then puts it in its
     infeasible group, below every feasible trial, and learns where the stable region is. Every suggested config
-    carries ``optuna_trial``, the Optuna trial number (the replay seeds its draw with it).
+    carries ``optuna_trial``, the Optuna trial number.
+
+    A suggested configuration equal to one that already completed or was pruned is not run again (runs are
+    seeded: it would train to the same result) unless ``rerun_duplicates``: Optuna is told the earlier outcome
+    for it and asked again, up to :data:`MAX_REASKS` times.
     """
 
-    def __init__(self, *args, epochs: int, constraints: bool = False, **kwargs) -> None:
+    def __init__(self, *args, epochs: int, constraints: bool = False, rerun_duplicates: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.epochs = epochs
         self.constraints = constraints
+        self.rerun_duplicates = rerun_duplicates
         self._flagged: set[str] = set()
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
+        for attempt in range(MAX_REASKS):
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if (self.rerun_duplicates or not isinstance(config, dict) or ot_trial is None
+                    or attempt == MAX_REASKS - 1):
+                break
+            twin = self._finished_twin(ot_trial)
+            if twin is None:
+                break
+            # Every run is seeded, so a configuration that already ran would train to the same result (TPE
+            # re-suggests its best points of a discrete space often): tell Optuna that outcome again instead of
+            # spending a trial on it, and ask again.
+            for key, value in twin.constraints.items():
+                ot_trial.set_constraint(key, value)
+            for step, value in twin.intermediate_values.items():
+                ot_trial.report(value, step)
+            self._ot_study.tell(ot_trial, twin.value if twin.state == TrialState.COMPLETE else None,
+                                state=twin.state)
+            del self._ot_trials[trial_id]
         if isinstance(config, dict) and trial_id in self._ot_trials:
             config = {**config, "optuna_trial": self._ot_trials[trial_id].number}
         return config
+
+    def _finished_twin(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        params = trial.params
+        done = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return next((t for t in done if t.params == params and t.number != trial.number), None)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("verdict"):

@@ -59,6 +59,7 @@ class Search:
     # violations the sampler models (TPE's feasibility split), instead of only PRUNED trials ranked low.
     constraints: bool = False
     startup_trials: int = 10  # TPE samples at random for its first trials (Optuna's default 10)
+    rerun_duplicates: bool = False  # False: a configuration that already ran is told its outcome, not run again
 
 
 @dataclass
