@@ -25,8 +25,8 @@ import random
 import statistics
 from dataclasses import replace
 
-from study.replay import Record, load_record, summary
-from trainers.policy import StopPolicy, verdict
+from study.replay import Record, first_verdict, load_record
+from trainers.policy import StopPolicy
 
 GRID = {
     "grace_epochs": [1, 2],
@@ -64,12 +64,8 @@ def failures(record: Record, label: str) -> dict[str, bool]:
 
 
 def stop_epoch(run, policy: StopPolicy, dim: int) -> int | None:
-    history = []
-    for row in run.epochs:
-        history.append(summary(row, policy, dim))
-        if verdict(history, policy) is not None:
-            return row["epoch"]
-    return None
+    judged = first_verdict(run.epochs, policy, dim)
+    return judged[0] if judged else None
 
 
 def rate(record: Record, cells: list[tuple], policy: StopPolicy, labels: dict[str, bool]) -> dict:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
 
-from trainers.backbones import VIT_CONFIGS
+from study.replay import first_verdict, load_record
 from trainers.policy import StopPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from instability import first_verdict, leads  # bench/instability.py: one definition of each rule
+from instability import leads  # bench/instability.py: one definition of the lead-time rule
 
 RECORDS = Path(__file__).with_name("records")
 
@@ -75,10 +74,9 @@ def main() -> None:
     mean = {c: statistics.mean(final(t) for t in ts) for c, ts in cells.items()}
     # Unstable = what the recorded policy says with its dense-kNN dip rule left out: at batch 32-64 the dense kNN
     # of one batch is too noisy for that rule (it flags nearly every run of this record; counted below).
-    recorded = yaml.safe_load(sorted((RECORDS / args.record).glob("*.yaml"))[0].read_text())
-    policy = replace(StopPolicy(**recorded.get("stopping", {})), mode="enforce", max_dips=10**6)
-    dim = VIT_CONFIGS[recorded["train"]["backbone"]]["embed_dim"]
-    verdicts = {t["trial_id"]: first_verdict(epochs[t["trial_id"]], policy, dim) for t in trials}
+    record = load_record(str(RECORDS / args.record))
+    policy = replace(record.stopping, mode="enforce", max_dips=10**6)
+    verdicts = {t["trial_id"]: first_verdict(epochs[t["trial_id"]], policy, record.feature_dim) for t in trials}
     flagged = {c: sum(verdicts[t["trial_id"]] is not None for t in ts) for c, ts in cells.items()}
     seconds = sum(r["epoch_time_s"] or 0 for rs in epochs.values() for r in rs)
     print(f"record {args.record}: {len(trials)} runs in {len(cells)} cells, {len(next(iter(epochs.values())))} "
@@ -158,6 +156,14 @@ def main() -> None:
     print(f"\nfigure: {figure}")
 
 
+def lr_axis(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("base lr")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def plot(cells, mean, flagged, lrs, batches, trials, traces, events, path: Path) -> Path:
     import matplotlib
 
@@ -176,22 +182,14 @@ def plot(cells, mean, flagged, lrs, batches, trials, traces, events, path: Path)
             bad = [(k[0], 100 * mean[k]) for k in keys if flagged[k]]
             if bad:
                 ax.scatter(*zip(*bad, strict=True), s=120, facecolors="none", edgecolors=line[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("base lr")
-    ax.set_ylabel("final kNN top-1 (%), mean ± std over seeds")
-    ax.set_title("batch x lr (circled: flagged unstable)", fontsize=9)
-    ax.legend(fontsize=7)
+    lr_axis(ax, "final kNN top-1 (%), mean ± std over seeds", "batch x lr (circled: flagged unstable)")
     ax = axes[1]
     for b in batches:
         gains = [(lr, 100 * (mean[(lr, b, True)] - mean[(lr, b, False)])) for lr in lrs
                  if (lr, b, True) in mean and (lr, b, False) in mean]
         ax.plot(*zip(*gains, strict=True), marker="o", label=f"batch {b}")
     ax.axhline(0, color="k", lw=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("base lr")
-    ax.set_ylabel("frozen - free patch projection (kNN points)")
-    ax.set_title("gain of the frozen patch projection", fontsize=9)
-    ax.legend(fontsize=7)
+    lr_axis(ax, "frozen - free patch projection (kNN points)", "gain of the frozen patch projection")
     ax = axes[2]
     finite = [t for t in trials if t["rankme"] is not None and math.isfinite(t["rankme"])]
     ax.scatter([t["rankme"] for t in finite], [100 * final(t) for t in finite],

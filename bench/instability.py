@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 import ray
 
 from study import runner
+from study.replay import first_verdict
 from study.spec import Resources, Scheduler, Search, StudySpec, validate
 from trainers.backbones import VIT_CONFIGS
-from trainers.policy import StopPolicy, verdict
-from trainers.signals import SUMMARY_KEYS
+from trainers.policy import StopPolicy
 
 
 def sweep_spec(args: argparse.Namespace) -> StudySpec:
@@ -64,23 +64,6 @@ def load(spec: StudySpec) -> tuple[list[dict], dict[str, list[dict]], dict[str, 
     traces = {t["trial_id"]: pq.read_table(Path(t["checkpoint"]) / "trace.parquet").to_pylist()
               for t in trials if t["checkpoint"]}
     return trials, epochs, traces, pq.read_table(out / "events.parquet").to_pylist()
-
-
-def first_verdict(history: list[dict], policy: StopPolicy, dim: int) -> tuple[int, str, str] | None:
-    """(epoch, status, reason) of the first enforce-mode verdict on ``history``, or None.
-
-    The collapse flag is recomputed from ``collapse_std_min`` with ``policy``'s threshold (features of ``dim``
-    dimensions), so a sweep run with other collapse settings is judged by the current ones; the spike and dip
-    counts are those the sweep measured with its own detector thresholds.
-    """
-    summaries = [{k: r[k] for k in ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)} for r in history]
-    for s in summaries:
-        std = s["collapse_std_min"]
-        s["collapsed"] = float(std is not None and std < policy.collapse_threshold / math.sqrt(dim))
-    for n in range(1, len(summaries) + 1):
-        if (v := verdict(summaries[:n], policy)) is not None:
-            return summaries[n - 1]["epoch"], *v
-    return None
 
 
 def degradation(trial: dict, by_key: dict) -> float:

@@ -183,6 +183,16 @@ def summary(row: dict, policy: StopPolicy, feature_dim: int) -> dict:
     return s
 
 
+def first_verdict(rows: Sequence[dict], policy: StopPolicy, feature_dim: int) -> tuple[int, str, str] | None:
+    """(epoch, status, reason) of the first verdict ``policy`` gives on a run's recorded epochs, or None."""
+    history = []
+    for row in rows:
+        history.append(summary(row, policy, feature_dim))
+        if (judged := verdict(history, policy)) is not None:
+            return row["epoch"], *judged
+    return None
+
+
 def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int) -> None:
     """Tune function trainable: report one recorded run of the suggested cell, epoch by epoch, as the trainer
     reported it, and stop where ``policy`` (enforce) would have stopped the real run."""
@@ -360,7 +370,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
     budget = budget or grid
     trials = trials or (len(record.runs) if strategy.sampler == "grid" else budget)
     with tempfile.TemporaryDirectory(prefix="ssl-study-replay-") as root:
-        spec = replay_spec(record, strategy, trials, seed, Path(out or root).resolve().parent if out else Path(root))
+        spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
             spec.name = Path(out).name
         run = runner.tune.with_parameters(replay_trial, record=record, policy=spec.stopping, seed=seed)
@@ -375,6 +385,3 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
             runner.save_spec(spec)
     return ledger.ended
 
-
-def fraction_grid(ended: Sequence[Ended], record: Record) -> float:
-    return (ended[-1].epochs_used if ended else 0) / (len(record.runs) * record.epochs)
