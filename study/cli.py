@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+from study.best import best_trial
 from study.spec import DEFAULT_STUDY, SpecError, StudySpec, load_spec
 
 SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss", "verdict",
@@ -70,18 +70,18 @@ def describe(spec: StudySpec, address: str | None) -> str:
         f"  per trial: {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) + "
         f"{r.driver_cpus:g} CPU driver = {need['CPU']:g} CPU, {need['GPU']:g} GPU",
         f"  results: {spec.study_dir} (results/*.parquet, train/<trial>/ checkpoints)",
-        f"  optuna:  {runner.optuna_url(spec)}",
+        f"  optuna:  {spec.optuna_url}",
         f"  ray:     {address or 'a local Ray started in this process'}",
     ])
 
 
 def print_summary(spec: StudySpec, trials) -> None:
-    from study import results, runner
+    from study import results
 
     columns = SUMMARY[:2] + [p.name for p in spec.params] + SUMMARY[2:]
     print(f"\n{results.format_table(trials, columns)}\n")
     print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events)")
-    print(f"Optuna storage:  {runner.optuna_url(spec)}")
+    print(f"Optuna storage:  {spec.optuna_url}")
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -129,12 +129,7 @@ def _trials(spec: StudySpec):
 
 
 def _best(spec: StudySpec, rows: list[dict]) -> dict | None:
-    metric = spec.search.metric
-    scored = [r for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
-    done = [r for r in scored if r["status"] == "completed"] or scored
-    if not done:
-        return None
-    return (max if spec.search.mode == "max" else min)(done, key=lambda r: r[metric])
+    return best_trial(rows, spec.search.metric, spec.search.mode)
 
 
 def status(args: argparse.Namespace) -> int:

@@ -165,10 +165,6 @@ def connect(spec: StudySpec, address: str | None) -> int:
 # -------------------------------------------------------------------------------------------------- Tune
 
 
-def optuna_url(spec: StudySpec) -> str:
-    return spec.search.storage or f"sqlite:///{spec.study_dir / 'optuna.db'}"
-
-
 def trainable(spec: StudySpec, data_paths: dict[str, str]):
     base = {**spec.train_config().as_dict(), **data_paths}
     run = partial(run_trial, resources=spec.resources, train_dir=str(spec.study_dir / "train"))
@@ -180,7 +176,7 @@ def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = 
     # A define-by-run space creates the Optuna study at once, so metric and mode go here as well.
     return StudySearch(space=define_by_run(spec.params), metric=spec.search.metric, mode=spec.search.mode,
                        sampler=sampler(spec), study_name=spec.name,
-                       storage=storage or optuna.storages.RDBStorage(optuna_url(spec)),
+                       storage=storage or optuna.storages.RDBStorage(spec.optuna_url),
                        epochs=spec.train_config().epochs, constraints=spec.search.constraints,
                        rerun_duplicates=spec.search.rerun_duplicates)
 
@@ -256,7 +252,7 @@ def resume_study(spec: StudySpec, address: str | None = None) -> pa.Table:
     data_paths = prepare_data(spec)
     tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                        resume_errored=True).fit()
-    close_orphans(optuna_url(spec), spec.name)
+    close_orphans(spec.optuna_url, spec.name)
     return results.read(spec.study_dir)
 
 
@@ -268,7 +264,7 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None) -> pa
     spec.search.num_samples = trials
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
-    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=optuna_url(spec)).trials)
+    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=spec.optuna_url).trials)
     max_concurrent = connect(spec, address)
     data_paths = prepare_data(spec)
     build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()

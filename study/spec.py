@@ -89,6 +89,11 @@ class StudySpec:
         return Path(self.storage).resolve() / self.name
 
     @property
+    def optuna_url(self) -> str:
+        """The Optuna storage: search.storage, else the study's own SQLite file."""
+        return self.search.storage or f"sqlite:///{self.study_dir / 'optuna.db'}"
+
+    @property
     def params(self) -> list[Param]:
         try:
             return parse_space(self.search.space, where=f"{self.source}: search.space")
