@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 import ray
 
-from study import runner
+from study import cluster, runner
 from study.replay import first_verdict
 from study.spec import Resources, Scheduler, Search, StudySpec, validate
 from trainers.backbones import VIT_CONFIGS
@@ -164,7 +164,7 @@ def main() -> None:
     spec = sweep_spec(args)
     tic = time.perf_counter()
     if not args.skip_run:
-        runner.start_ray(None)
+        cluster.start_ray(None)
         try:
             runner.run_study(spec)
         finally:

@@ -25,13 +25,14 @@ import trainers  # noqa: F401  (compat shim before timm)
 from data.convert import convert_fashion_mnist
 from data.fashion_mnist import load_fashion_mnist
 from data.loaders import eval_loader
-from study import runner
+from study import cluster
 from trainers.backbones import create_backbone
 from trainers.config import TrainConfig
+from trainers.evaluation import extract
 from trainers.export import load_exported
 from trainers.knn import knn_accuracy
 from trainers.linear_probe import linear_probe
-from trainers.loop import extract, train_loop_per_worker
+from trainers.worker import train_loop_per_worker
 
 
 def features(backbone: torch.nn.Module, path: Path, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +62,7 @@ def main() -> None:
     cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr,
                       mlp_dim=1024, train_subset=args.train_subset, knn_bank_subset=5000, knn_eval_subset=2000,
                       train_path=str(paths["train"]), test_path=str(paths["test"]), warmup_epochs=1)
-    runner.start_ray(None, num_cpus=2)
+    cluster.start_ray(None, num_cpus=2)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         result = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.as_dict(),

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from study import results, runner
+from study import cluster, results, runner
 from study.spec import load_spec
 from study.status import ENDED
 
@@ -87,7 +87,7 @@ def main() -> None:
     specs = [load_spec(f) for f in sorted(folder.glob("*.yaml"))]
     if not args.export_only:
         tic = time.perf_counter()
-        runner.start_ray(None)
+        cluster.start_ray(None)
         try:
             for spec in specs:
                 record(spec)

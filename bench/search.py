@@ -143,9 +143,9 @@ def plot(curves: dict[str, list[list[rp.Ended]]], record: rp.Record, path: Path)
 
 
 def _start_ray() -> None:
-    from study import runner
+    from study import cluster
 
-    runner.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
+    cluster.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
 
 
 def _replay(task: tuple[str, str, int, dict]) -> list[rp.Ended]:

@@ -1,30 +1,42 @@
 """Training-step throughput per method: images/s, step time and (on GPU) model FLOPs utilisation.
 
 One process, synthetic batches already on the device (the data pipeline is benchmarked in bench/loader.py),
-the same step as trainers/loop.py: forward of both views, backward, optimiser step, momentum update.
+timing the trainer's own step (``trainers.trainer.Trainer.train_step``: schedules, forward of both views,
+backward, callbacks, optimiser step, momentum update). Imports neither Ray nor FFCV.
 
     .venv/bin/python bench/trainer.py                      # CPU config: ViT nano, patch 4, 32 px, batch 64
     .venv/bin/python bench/trainer.py --gpu-config          # ViT-S/16 at 224 px, bf16, with/without compile
     .venv/bin/python bench/trainer.py --signals --methods moco_v3   # cost of the instability signals per step
+    .venv/bin/python bench/trainer.py --official ../moco-v3         # ours against the official MoCo v3 step
 
-The baseline of each row is MoCo v3 in the same configuration, measured in the same run.
+The baseline of each row is MoCo v3 in the same configuration, measured in the same run. ``--official DIR``
+times the official facebookresearch/moco-v3 step (a checkout you point at; a scratch copy gets the two small
+patches timm 1.x and a CPU need, nothing of it enters this project) beside ours on the same architecture and
+batch (ViT img 32 / patch 4 / dim 192 / 3 heads, heads' hidden 4096, frozen patch projection, AdamW, fp32), in
+interleaved rounds, at depth 4 / batch 256 and depth 12 / batch 64.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import sys
+import tempfile
 import time
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import trainers  # noqa: F401  (compat shim before timm)
 from trainers.backbones import create_backbone
-from trainers.loop import StepState
+from trainers.callbacks import Signals
+from trainers.config import TrainConfig
 from trainers.methods import METHODS, build_method
-from trainers.optim import create_optimizer
 from trainers.signals import InstabilityMonitor
+from trainers.trainer import Loaders, Trainer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
@@ -35,44 +47,124 @@ def peak_tflops() -> float | None:
 
 
 def measure(method: str, backbone: str, img: int, batch: int, steps: int, device: torch.device,
-            dtype: torch.dtype | None, compile: bool, mlp_dim: int, signals: bool = False) -> dict:
-    torch.manual_seed(0)
-    model = build_method(method, create_backbone(backbone), dim=256, mlp_dim=mlp_dim, temperature=0.2).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, "adamw", lr=1e-4, weight_decay=0.1)
-    step_fn = torch.compile(model) if compile else model
-    x1, x2 = (torch.randn(batch, 3, img, img, device=device).contiguous(memory_format=torch.channels_last)
-              for _ in range(2))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    # The trainer's per-step signals hook (every step: gradient norms per layer group, loss, collapse std)
-    monitor = InstabilityMonitor() if signals else None
-    steps_done = iter(range(10**9))
-
-    def step(fn=step_fn) -> None:
-        with autocast:
-            loss, features = fn(x1, x2, 0.99)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if monitor is not None:
-            monitor(StepState(0, next(steps_done), loss.detach(), features, None, model, 1e-4, 0.99))
-        optimizer.step()
-
+            precision: str, compile: bool, mlp_dim: int, signals: bool = False) -> dict:
+    x1, x2 = (torch.randn(batch, 3, img, img, device=device) for _ in range(2))
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    warmup = 3  # steps (and compilation) before timing
+    loaders = Loaders(train=[(x1, x2, labels)] * (1 + warmup + steps), bank=[], test=[], num_classes=10)
+    cfg = TrainConfig(method=method, backbone=backbone, batch_size=batch, mlp_dim=mlp_dim, precision=precision,
+                      compile=compile, epochs=1, warmup_epochs=0.0, base_lr=1e-4)
+    # The trainer's per-step signals (every step: gradient norms per layer group, loss, collapse std)
+    callbacks = [Signals(InstabilityMonitor(), halt_on_nonfinite=False)] if signals else []
+    trainer = Trainer(cfg, device, loaders=loaders, callbacks=callbacks)
+    eager = trainer.model
+    trainer.model = trainer.net
     with FlopCounterMode(display=False) as counter:  # counted eagerly: compiled kernels are not seen
-        step(model)
-    for _ in range(3):  # warm-up (and compilation)
-        step()
+        trainer.train_step(0, x1, x2, labels)
+    trainer.model = eager
+    for step in range(1, 1 + warmup):
+        trainer.train_step(step, x1, x2, labels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     tic = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for step in range(1 + warmup, 1 + warmup + steps):
+        trainer.train_step(step, x1, x2, labels)
     sync()
     step_time = (time.perf_counter() - tic) / steps
     tflops = counter.get_total_flops() / step_time / 1e12
     peak = peak_tflops()
     return {"method": method + ("+signals" if signals else ""), "compile": compile, "step_s": step_time,
             "images_per_s": batch / step_time,
-            "tflops": tflops, "mfu": tflops / peak if peak and dtype is not None else float("nan")}
+            "tflops": tflops, "mfu": tflops / peak if peak and precision != "fp32" else float("nan")}
+
+
+# The only changes the official code needs here: timm 1.x moved its layers and renamed num_tokens, and the
+# labels go to the logits' device instead of .cuda().
+OFFICIAL_PATCHES = {
+    "vits.py": [("from timm.models.layers.helpers import to_2tuple", "from timm.layers import to_2tuple"),
+                ("from timm.models.layers import PatchEmbed", "from timm.layers import PatchEmbed"),
+                ("self.num_tokens == 1", "self.num_prefix_tokens == 1")],
+    "moco/builder.py": [(").cuda()", ").to(logits.device)")],
+    "moco/__init__.py": [],
+}
+
+
+def load_official(checkout: Path):
+    """The official ``vits`` and ``moco.builder`` modules, imported from a patched scratch copy of ``checkout``."""
+    scratch = Path(tempfile.mkdtemp(prefix="moco-v3-"))
+    for rel, patches in OFFICIAL_PATCHES.items():
+        text = (checkout / rel).read_text()
+        for old, new in patches:
+            if old not in text:
+                raise SystemExit(f"{checkout / rel}: expected {old!r}; is this a facebookresearch/moco-v3 checkout?")
+            text = text.replace(old, new)
+        (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / rel).write_text(text)
+    sys.path.insert(0, str(scratch))
+    import moco.builder
+    import vits
+
+    return vits, moco.builder
+
+
+def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps: int) -> dict:
+    """Images/s of the official MoCo v3 step and of ours, same architecture and batch, in interleaved rounds."""
+    vits, builder = load_official(checkout)
+    arch = dict(img_size=32, patch_size=4, embed_dim=192, depth=depth, num_heads=3)
+    torch.manual_seed(0)
+    official = builder.MoCo_ViT(partial(vits.VisionTransformerMoCo, **arch, mlp_ratio=4, qkv_bias=True,
+                                        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), stop_grad_conv1=True),
+                                dim=256, mlp_dim=4096, T=0.2)
+    official_opt = torch.optim.AdamW(official.parameters(), 1e-4, weight_decay=0.1)  # main_moco.py for ViTs
+    x1, x2 = torch.randn(batch, 3, 32, 32), torch.randn(batch, 3, 32, 32)
+    labels = torch.zeros(batch, dtype=torch.long)
+
+    def official_step(i: int) -> None:  # main_moco.py's train() step, fp32 (its GradScaler is then a no-op)
+        for group in official_opt.param_groups:
+            group["lr"] = 1e-4
+        loss = official(x1, x2, 0.99)
+        official_opt.zero_grad()
+        loss.backward()
+        official_opt.step()
+
+    cfg = TrainConfig(backbone="vit_tiny_patch4_32", batch_size=batch, mlp_dim=4096, dim=256, temperature=0.2,
+                      stop_grad_conv1=True, epochs=1, warmup_epochs=0.0, precision="fp32")
+    ours = Trainer(cfg, loaders=Loaders([(x1, x2, labels)] * 10**6, [], [], 10), callbacks=[],
+                   model=build_method("moco_v3", create_backbone(cfg.backbone, depth=depth, stop_grad_conv1=True),
+                                      dim=256, mlp_dim=4096, temperature=0.2))
+    n_params = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (official, ours.net)]
+    if n_params[0] != n_params[1]:  # the same model on both sides, or the ratio means nothing
+        raise SystemExit(f"trainable parameters differ: official {n_params[0]:,}, ours {n_params[1]:,}")
+
+    def ours_step(i: int) -> None:
+        ours.train_step(i, x1, x2, labels)
+
+    rates: dict[str, list[float]] = {"official": [], "ours": []}
+    for step_fn in (official_step, ours_step):  # warm-up: allocator, first-call costs
+        for i in range(2):
+            step_fn(i)
+    for r in range(rounds):
+        for name, step_fn in (("official", official_step), ("ours", ours_step))[:: 1 if r % 2 == 0 else -1]:
+            tic = time.perf_counter()
+            for i in range(steps):
+                step_fn(i)
+            rates[name].append(batch * steps / (time.perf_counter() - tic))
+    official_rate, ours_rate = statistics.median(rates["official"]), statistics.median(rates["ours"])
+    return {"depth": depth, "batch": batch, "official": official_rate, "ours": ours_rate,
+            "ratio": ours_rate / official_rate}
+
+
+def compare_official(checkout: Path, rounds: int, steps: int | None) -> None:
+    import torch.distributed as dist
+
+    # The official loss all-gathers its keys: a one-process gloo group, as a 1-GPU run of it has.
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    print(f"official {checkout} vs ours on CPU ({torch.get_num_threads()} threads), fp32, median of {rounds} "
+          f"interleaved rounds")
+    print(f"{'depth':>5} {'batch':>5} {'official img/s':>15} {'ours img/s':>11} {'ours/official':>14}")
+    for depth, batch, n in ((4, 256, steps or 3), (12, 64, steps or 3)):
+        r = official_vs_ours(checkout, depth, batch, rounds, n)
+        print(f"{r['depth']:5d} {r['batch']:5d} {r['official']:15.1f} {r['ours']:11.1f} {r['ratio']:14.2f}")
 
 
 def main() -> None:
@@ -82,19 +174,23 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--signals", action="store_true", help="also each method with the instability signals hook")
+    p.add_argument("--official", type=Path, metavar="DIR", help="a facebookresearch/moco-v3 checkout to compare with")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --official")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count())  # importing FFCV (through trainers.loop) sets it to 1
+    torch.set_num_threads(os.cpu_count())
+    if args.official:
+        return compare_official(args.official, args.rounds, args.steps)
     if args.gpu_config:
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, precision = torch.device("cuda"), "bf16"
         backbone, img, batch, steps, mlp_dim, compiles = "vit_small_patch16_224", 224, args.batch or 128, \
             args.steps or 20, 4096, (False, True)
     else:
-        device, dtype = torch.device("cpu"), None
+        device, precision = torch.device("cpu"), "fp32"
         backbone, img, batch, steps, mlp_dim, compiles = "vit_nano_patch4_32", 32, args.batch or 64, \
             args.steps or 10, 1024, (False,)
     print(f"{backbone} {img}px batch {batch} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
-          f" ({torch.get_num_threads()} threads), {steps} timed steps, {dtype or 'fp32'}")
-    rows = [measure(m, backbone, img, batch, steps, device, dtype, c, mlp_dim, signals=sig)
+          f" ({torch.get_num_threads()} threads), {steps} timed steps, {precision}")
+    rows = [measure(m, backbone, img, batch, steps, device, precision, c, mlp_dim, signals=sig)
             for c in compiles for m in args.methods for sig in ((False, True) if args.signals else (False,))]
     base = {r["compile"]: r["images_per_s"] for r in rows if r["method"] == "moco_v3"}
     print(f"{'method':>16} {'compile':>7} {'step s':>8} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs moco_v3':>10}")

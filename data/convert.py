@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
-from data.fashion_mnist import CLASSES, FASHION_MNIST_DIR, SPLITS, load_fashion_mnist, split_files
+from data.atomic import atomic_path, write_text
+from data.builtin import BUILTIN, SPLITS
+from data.fashion_mnist import FASHION_MNIST_DIR
 
 FORMAT_VERSION = 1
 WRITE_MODES = ("raw", "jpg", "smart")
@@ -91,19 +93,21 @@ def _page_size(image_bytes: int) -> int:
     return max(_MIN_PAGE_SIZE, 1 << (2 * image_bytes).bit_length())
 
 
-def temp_name(path: Path) -> Path:
-    """A hidden name in the same folder (so os.replace is atomic) that no '*.beton' glob matches."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def writing_beton(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for FFCV's DatasetWriter (data/atomic.py); when the block
+    completes, the old metadata JSON is removed and then the file renamed onto ``path``, so if we die between
+    the two no JSON describes the new file. Write the new JSON after the block (``write_metadata``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        yield tmp
+        path.with_suffix(".json").unlink(missing_ok=True)
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = temp_name(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_metadata(beton: Path, metadata: dict) -> Path:
+    """Write ``metadata`` (+ format_version) atomically as the JSON next to ``beton``; returns its path."""
+    return write_text(Path(beton).with_suffix(".json"),
+                      json.dumps({**metadata, "format_version": FORMAT_VERSION}, indent=2) + "\n")
 
 
 def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: str, classes: Sequence[str],
@@ -111,34 +115,25 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: s
                 checksum: str | None = None, smart_threshold: int = SMART_THRESHOLD) -> Path:
     """Write uint8 [N, H, H, 3] images and integer labels to an FFCV file with fields ``image`` and ``label``.
 
-    The .beton is written under a temporary name and renamed onto ``path`` only when complete; the metadata
-    JSON (``path.with_suffix(".json")``: count, classes, resolution, per-channel mean/std on the 0-255 scale,
-    source, checksum, write_mode, format_version) is written after it, also atomically. A JSON next to a
-    .beton therefore always describes that complete file.
+    The .beton is written under a temporary name and renamed onto ``path`` only when complete, after the old
+    metadata JSON is removed; the new JSON (``path.with_suffix(".json")``: count, classes, resolution,
+    per-channel mean/std on the 0-255 scale, source, checksum, write_mode, format_version) is written after it,
+    also atomically. A JSON next to a .beton therefore always describes that complete file.
     """
     path = Path(path)
     _check_inputs(images, labels, classes, write_mode, jpeg_quality)
     resolution = images.shape[1]
     mean, std = channel_stats(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path = path.with_suffix(".json")
-    tmp = temp_name(path)
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=resolution, jpeg_quality=jpeg_quality,
                                smart_threshold=smart_threshold),
         "label": IntField(),
     }
-    try:
+    with writing_beton(path) as tmp:
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(images[0].nbytes),
                                num_workers=num_workers)
         writer.from_indexed_dataset(_ArrayDataset(images, np.asarray(labels)), chunksize=1000)
-        # Drop the old JSON first: if we die between the two renames, no JSON describes the new file.
-        meta_path.unlink(missing_ok=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    metadata = {
+    write_metadata(path, {
         "count": len(images),
         "num_classes": len(classes),
         "classes": list(classes),
@@ -148,19 +143,7 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: s
         "source": source,
         "checksum": checksum,
         "write_mode": write_mode,
-        "format_version": FORMAT_VERSION,
-    }
-    _write_json_atomic(metadata, meta_path)
-    return path
-
-
-def replace_beton(tmp: Path, path: Path, metadata: dict) -> Path:
-    """Move the complete temporary FFCV file ``tmp`` onto ``path``, then write its metadata JSON (both atomic;
-    the old JSON goes first, so no JSON ever describes a file it does not match)."""
-    meta_path = path.with_suffix(".json")
-    meta_path.unlink(missing_ok=True)
-    os.replace(tmp, path)
-    _write_json_atomic({**metadata, "format_version": FORMAT_VERSION}, meta_path)
+    })
     return path
 
 
@@ -194,22 +177,32 @@ def up_to_date(beton: Path, checksum: str, write_mode: str) -> bool:
             and meta.get("format_version") == FORMAT_VERSION)
 
 
-def convert_fashion_mnist(out_dir: Path, *, root: Path = FASHION_MNIST_DIR,
-                          write_mode: str = "raw") -> dict[str, Path]:
-    """Write ``fashion_mnist_{train,test}.beton`` (32x32 RGB, 60k and 10k images) into ``out_dir``.
+def convert_builtin(name: str, out_dir: Path, *, root: Path | None = None,
+                    write_mode: str = "raw") -> dict[str, Path]:
+    """Write ``{name}_{train,test}.beton`` of the built-in dataset ``name`` (data/builtin.py: 32x32 RGB, the 28 px
+    images zero-padded) into ``out_dir``; {"train": .., "test": ..}. ``root`` None: the dataset's own places.
 
-    A split is skipped when its file is already there and its metadata checksum matches the source gz files
-    (and the write mode), so calling this before every study is cheap.
+    A split is skipped when its file is already there and its metadata checksum matches the source files (and
+    the write mode), so calling this before every study is cheap. A missing source raises FileNotFoundError
+    naming where it looked.
     """
+    source = BUILTIN[name]
     out_dir = Path(out_dir)
     paths = {}
     for split in SPLITS:
-        sources = split_files(split, root)
+        sources = source.find_sources(split, root)
         checksum = file_checksum(*sources)
-        beton = out_dir / f"fashion_mnist_{split}.beton"
+        beton = out_dir / f"{name}_{split}.beton"
         if not up_to_date(beton, checksum, write_mode):
-            images, labels = load_fashion_mnist(split, root)
-            write_beton(to_rgb32(images), labels, beton, source=f"fashion-mnist {split} ({sources[0].name})",
-                        classes=CLASSES, write_mode=write_mode, checksum=checksum)
+            images, labels = source.load(split, root)
+            write_beton(to_rgb32(images), labels, beton, source=f"{source.label} {split} ({sources[0].name})",
+                        classes=source.classes, write_mode=write_mode, checksum=checksum)
         paths[split] = beton
     return paths
+
+
+def convert_fashion_mnist(out_dir: Path, *, root: Path = FASHION_MNIST_DIR,
+                          write_mode: str = "raw") -> dict[str, Path]:
+    """Write ``fashion_mnist_{train,test}.beton`` (32x32 RGB, 60k and 10k images) into ``out_dir``, skipped
+    while up to date (``convert_builtin``)."""
+    return convert_builtin("fashion_mnist", out_dir, root=root, write_mode=write_mode)

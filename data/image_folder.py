@@ -6,12 +6,14 @@ Layouts accepted (class = sub-folder name, sorted; images may sit in nested fold
 - ``root/<class>/...``: a flat class folder, split into train / val by ``val_fraction`` (per class, by a
   hash of each file's relative path, so the split is stable when files are added).
 
-Files whose extension is not an image's are ignored and counted; so are hidden files.
+Files whose extension is not an image's are ignored and counted; so are hidden files and what is not a
+regular file (a broken link, a pipe). Any file name works, non-UTF-8 bytes included.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
@@ -19,17 +21,26 @@ from pathlib import Path
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import resizer
+from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg, resizer
+from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_metadata_type
 from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 EVAL_SPLIT_NAMES = ("val", "test")
 _MAX_PAGE = 64 << 20  # FFCV page (holds one sample) when max_resolution is not given
+_CHUNK = 64  # images per work item of FFCV's writer processes
+HEADER_SAMPLE = 64  # image headers read (not decoded) to estimate the output size: well under a second
+JPEG_SAMPLE = 8  # of those, images decoded and JPEG-encoded to measure JPEG bytes / raw bytes
+_SAMPLE_METADATA = get_metadata_type([RGBImageField(), IntField()])  # FFCV's per-sample record (24 B)
 
 
 class DatasetError(ValueError):
     """Bad dataset input (missing source, empty folder, corrupt image, unwritable output...): the message
-    names the path and what is accepted."""
+    names the path and what is accepted, on one line (newlines in file names are shown as \\n), as the
+    command line prints it."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass
@@ -44,14 +55,15 @@ class FolderScan:
 
     def checksum(self, options: dict) -> str:
         """sha256 over each input's relative path, size and mtime, its label, and the conversion options:
-        a changed, added or removed image (or other options) gives another checksum, without reading pixels."""
+        a changed, added or removed image (or other options) gives another checksum, without reading pixels.
+        Names are hashed as their bytes on disk (os.fsencode: the same as UTF-8 for UTF-8 names)."""
         digest = hashlib.sha256(repr(sorted(options.items())).encode())
-        digest.update("\0".join(self.classes).encode())
+        digest.update(os.fsencode("\0".join(self.classes)))
         for split, items in sorted(self.splits.items()):
             for path, label in items:
                 st = path.stat()
-                digest.update(f"{split}\0{path.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n"
-                              .encode())
+                digest.update(os.fsencode(f"{split}\0{path.relative_to(self.root)}\0{st.st_size}\0"
+                                          f"{st.st_mtime_ns}\0{label}\n"))
         return digest.hexdigest()
 
 
@@ -70,7 +82,7 @@ def _files_of(class_dir: Path) -> tuple[list[Path], int]:
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            if _is_image(p):
+            if _is_image(p) and p.is_file():  # not a broken link, and not a pipe: PIL would wait on it forever
                 images.append(p)
             else:
                 other += 1
@@ -103,12 +115,13 @@ def _read_split(folder: Path, classes: list[str] | None) -> tuple[list[str], lis
 
 def _split_by_hash(root: Path, items: list[tuple[Path, int]], n_classes: int,
                    val_fraction: float) -> tuple[list, list]:
-    """Per class, the round(n * val_fraction) files with the smallest hash of their relative path are val."""
+    """Per class, the round(n * val_fraction) files with the smallest hash of their relative path are val, but
+    at most n - 1: every class keeps a training image (a class of one image is train only)."""
     train, val = [], []
     for c in range(n_classes):
         mine = [it for it in items if it[1] == c]
-        mine.sort(key=lambda it: hashlib.sha1(str(it[0].relative_to(root)).encode()).hexdigest())
-        k = round(len(mine) * val_fraction)
+        mine.sort(key=lambda it: hashlib.sha1(os.fsencode(it[0].relative_to(root))).hexdigest())
+        k = min(round(len(mine) * val_fraction), len(mine) - 1)
         val += sorted(mine[:k])
         train += sorted(mine[k:])
     return train, val
@@ -120,7 +133,8 @@ def scan(root: Path, val_fraction: float = 0.1) -> FolderScan:
     if not root.exists():
         raise DatasetError(f"image folder {root} does not exist")
     if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder: expected an ImageNet-style image folder")
+        raise DatasetError(f"{root} is a file, not a folder: expected an ImageNet-style image folder "
+                           "(an archive such as .tar or .zip must be extracted first)")
     if (root / "train").is_dir():
         eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
         if eval_dir is None:
@@ -136,8 +150,15 @@ def scan(root: Path, val_fraction: float = 0.1) -> FolderScan:
     train, val = _split_by_hash(root, items, len(classes), val_fraction)
     if not train or not val:
         raise DatasetError(f"{root}: {len(items)} images are too few for a train/val split at "
-                           f"val_fraction {val_fraction}")
+                           f"val_fraction {val_fraction} (each class keeps one training image): add images, "
+                           "raise val_fraction, or give train/ and val/ folders")
     return FolderScan(root, "flat", classes, {"train": train, "val": val}, {"train": ignored, "val": 0})
+
+
+def capped_size(width: int, height: int, max_resolution: int | None) -> tuple[int, int]:
+    """(width, height) after FFCV's resizer caps the longest side at ``max_resolution`` (it truncates)."""
+    ratio = max_resolution / max(width, height) if max_resolution else 1.0
+    return (int(ratio * width), int(ratio * height)) if ratio < 1 else (width, height)
 
 
 def load_image(path: Path, max_resolution: int | None) -> np.ndarray:
@@ -147,6 +168,9 @@ def load_image(path: Path, max_resolution: int | None) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
         rgb = np.asarray(im.convert("RGB"))
+    if 0 in capped_size(rgb.shape[1], rgb.shape[0], max_resolution):  # cv2 would fail with a cryptic assertion
+        raise ValueError(f"{rgb.shape[1]}x{rgb.shape[0]} px: its short side would be 0 px at max_resolution "
+                         f"{max_resolution}")
     return np.ascontiguousarray(resizer(rgb, max_resolution))
 
 
@@ -194,13 +218,79 @@ def first_failure(items: list[tuple[Path, int]], max_resolution: int | None) -> 
     return "too large for an FFCV page: pass max_resolution"
 
 
+def _page_size(max_resolution: int | None) -> tuple[int, int]:
+    """(largest raw image accepted, FFCV page size): a power-of-two page that holds any one sample, even a JPEG
+    larger than raw, so no worker hits FFCV's MemoryError, which would hang the writer."""
+    max_bytes = 3 * max_resolution ** 2 if max_resolution else _MAX_PAGE // 2
+    return max_bytes, max(8 << 20, 1 << (2 * max_bytes).bit_length())
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """What write_split will write for some images, estimated from a sample of them before writing."""
+
+    images: int
+    file_bytes: int  # the .beton: FFCV's page-aligned header, whole data pages, allocation table
+    payload_bytes: int  # the image records alone: raw h*w*3 bytes, JPEG at ``jpeg_fraction`` of that
+    jpeg_share: float  # share of the sampled images stored as JPEG
+    jpeg_fraction: float | None  # JPEG bytes / raw bytes measured on sample images; None when none is JPEG
+    unreadable: tuple[tuple[Path, str], ...]  # sampled files that cannot be stored, with why
+
+
+def estimate_size(items: list[tuple[Path, int]], *, max_resolution: int | None, write_mode: str,
+                  jpeg_quality: int, smart_threshold: int, workers: int) -> SizeEstimate:
+    """Estimate the FFCV file of ``items`` cheaply: HEADER_SAMPLE evenly spaced images give their size from
+    the header alone (PIL reads no pixels until asked), capped as FFCV caps; raw images take h*w*3 bytes;
+    JPEG ones the fraction measured by decoding, capping and encoding (FFCV's encoder) JPEG_SAMPLE of them."""
+    sample = [items[round(i)][0] for i in np.linspace(0, len(items) - 1, min(len(items), HEADER_SAMPLE))]
+    max_bytes, page = _page_size(max_resolution)
+    sides, unreadable = {}, []  # path -> capped (width, height)
+    for path in sample:
+        try:
+            with Image.open(path) as im:
+                w, h = capped_size(*im.size, max_resolution)
+        except Exception as e:  # PIL raises many types for bad files; any of them makes the file unusable
+            unreadable.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        if w * h * 3 > max_bytes:
+            unreadable.append((path, f"{w}x{h} is too large for an FFCV page: pass max_resolution"))
+        elif not w or not h:
+            unreadable.append((path, f"its short side would be 0 px at max_resolution {max_resolution}"))
+        else:
+            sides[path] = (w, h)
+    as_jpeg = [p for p, (w, h) in sides.items()
+               if write_mode == "jpg" or (write_mode == "smart" and w * h * 3 > smart_threshold)]
+    fraction = None
+    if as_jpeg:
+        jpeg = raw = 0
+        for path in as_jpeg[::max(1, len(as_jpeg) // JPEG_SAMPLE)][:JPEG_SAMPLE]:
+            try:
+                image = load_image(path, max_resolution)
+            except Exception as e:  # a truncated file fails only when decoded
+                unreadable.append((path, f"{type(e).__name__}: {e}"))
+                del sides[path]
+                continue
+            jpeg, raw = jpeg + encode_jpeg(image, jpeg_quality).nbytes, raw + image.nbytes
+        fraction = jpeg / raw if raw else 1.0
+    sizes = [w * h * 3 * (fraction if p in as_jpeg else 1) for p, (w, h) in sides.items()]
+    payload = int(len(items) * np.mean(sizes)) if sizes else 0
+    # FFCV aligns the data region to a page, and each writer process fills pages of its own, ending on a
+    # part-filled one; the allocation table follows the pages.
+    active = min(max(1, workers), math.ceil(len(items) / _CHUNK))
+    index = HeaderType.itemsize + 2 * FieldDescType.itemsize + _SAMPLE_METADATA.itemsize * len(items)
+    file_bytes = (math.ceil(index / page) + math.ceil(payload / page) + active - 1) * page \
+        + ALLOC_TABLE_TYPE.itemsize * len(items)
+    jpeg_share = len([p for p in as_jpeg if p in sides]) / max(1, len(sides))
+    return SizeEstimate(len(items), file_bytes, payload, jpeg_share, fraction, tuple(unreadable))
+
+
 def write_split(items: list[tuple[Path, int]], tmp: Path, *, max_resolution: int | None, write_mode: str,
                 jpeg_quality: int, smart_threshold: int, workers: int) -> tuple[np.ndarray, dict]:
-    """Write ``items`` to the FFCV file ``tmp``; returns (indices of failed images, stats of the good ones)."""
+    """Write ``items`` to the FFCV file ``tmp``; returns (indices of failed images, stats of the good ones,
+    "jpeg_images" among them: how many FFCV stored as JPEG)."""
     from ffcv.writer import DatasetWriter
 
-    max_bytes = 3 * max_resolution ** 2 if max_resolution else _MAX_PAGE // 2
-    page = max(8 << 20, 1 << (2 * max_bytes).bit_length())
+    max_bytes, page = _page_size(max_resolution)
     dataset = _FolderDataset(items, max_resolution, max_bytes)
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
@@ -208,7 +298,7 @@ def write_split(items: list[tuple[Path, int]], tmp: Path, *, max_resolution: int
         "label": IntField(),
     }
     writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=max(1, workers))
-    writer.from_indexed_dataset(dataset, chunksize=64)
+    writer.from_indexed_dataset(dataset, chunksize=_CHUNK)
     failed = np.flatnonzero(np.frombuffer(dataset.failed, dtype=np.int8))
     good = np.setdiff1d(np.arange(len(items)), failed)
     sums = dataset.sums[good].sum(0)
@@ -218,8 +308,17 @@ def write_split(items: list[tuple[Path, int]], tmp: Path, *, max_resolution: int
     sizes = dataset.sizes[good]
     stats = {"mean": mean.tolist(), "std": std.tolist(),
              "max_height": int(sizes[:, 0].max(initial=0)), "max_width": int(sizes[:, 1].max(initial=0)),
-             "min_side": int(sizes.min()) if len(sizes) else 0}
+             "min_side": int(sizes.min()) if len(sizes) else 0,
+             "jpeg_images": int((_image_modes(tmp)[good] == IMAGE_MODES["jpg"]).sum())}
     return failed, stats
+
+
+def _image_modes(beton: Path) -> np.ndarray:
+    """Per sample, how FFCV stored the ``image`` field (IMAGE_MODES: raw or jpg), read from the file itself."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    return reader.metadata[f"f{reader.field_names.index('image')}"]["mode"]  # FFCV names the columns by position
 
 
 def make_synthetic_folder(root: Path, *, per_class: int, classes: int = 10, sizes: tuple[int, int] = (300, 500),

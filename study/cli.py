@@ -14,19 +14,47 @@
                                                                shipped record) under other search settings
 
 NAME is a study directory or a study name under ``--storage`` (default ``runs``). Bad input exits with code 2
-and a one-line message naming the file, key or value, before any Ray resource is spent.
+and a one-line message naming the file, key or value, before any Ray resource is spent. While a study runs, the
+terminal shows only its progress lines and failed trials; Ray's output goes to ``<study dir>/logs/ray.log``
+(``--verbose``: to the terminal instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from study.best import best_trial
 from study.spec import DEFAULT_STUDY, SpecError, StudySpec, load_spec
+
+
+class UsageError(ValueError):
+    """A command line argparse refuses (shown in one line, like every other bad input)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's own prints the usage block and exits; main prints one line
+        raise UsageError(f"{message}; `{self.prog} --help` shows the usage")
+
+
+def _at_least(least: int):
+    """An argparse type: an integer of at least ``least``."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+    return integer
+
 
 SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss", "verdict",
            "time_total_s"]
@@ -35,7 +63,7 @@ SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "kn
 def describe(spec: StudySpec, address: str | None) -> str:
     """The resolved study, as ``launch --dry-run`` prints it."""
     from search_spaces import flatten
-    from study import runner
+    from study import cluster
 
     def space(params, indent="    ") -> list[str]:
         lines = []
@@ -53,7 +81,7 @@ def describe(spec: StudySpec, address: str | None) -> str:
     elif address:
         concurrency = "as many at a time as the cluster holds (counted when it joins)"
     else:
-        concurrency = f"{runner.concurrency(spec, runner.local_nodes())} at a time (what this machine holds)"
+        concurrency = f"{cluster.concurrency(spec, cluster.local_nodes())} at a time (what this machine holds)"
     tune_note = f"; searching {', '.join(p.name for p in flatten(spec.params))}" if spec.params else ""
     return "\n".join([
         f"study {spec.name} from {spec.source}" + (f" (preset {spec.preset})" if spec.preset else ""),
@@ -86,14 +114,14 @@ def print_summary(spec: StudySpec, trials) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated whole before Ray starts
-    from study import runner  # heavy imports (Ray, torch) only once the spec is known good
+    from study import cluster, runner  # heavy imports (Ray, torch) only once the spec is known good
 
     if args.dry_run:
-        if not args.address:  # a real launch checks in runner.connect, before Ray starts
-            runner.check_fits(spec, runner.local_nodes(), "this machine")
+        if not args.address:  # a real launch checks in cluster.connect, before Ray starts
+            cluster.check_fits(spec, cluster.local_nodes(), "this machine")
         print(describe(spec, args.address))
         return 0
-    print_summary(spec, runner.run_study(spec, address=args.address))
+    print_summary(spec, runner.run_study(spec, address=args.address, verbose=args.verbose))
     return 0
 
 
@@ -101,7 +129,7 @@ def resume(args: argparse.Namespace) -> int:
     from study import runner
 
     spec = runner.open_study(args.name, args.storage)
-    print_summary(spec, runner.resume_study(spec, address=args.address))
+    print_summary(spec, runner.resume_study(spec, address=args.address, verbose=args.verbose))
     return 0
 
 
@@ -109,7 +137,7 @@ def extend(args: argparse.Namespace) -> int:
     from study import runner
 
     spec = runner.open_study(args.name, args.storage)
-    print_summary(spec, runner.extend_study(spec, args.trials, address=args.address))
+    print_summary(spec, runner.extend_study(spec, args.trials, address=args.address, verbose=args.verbose))
     return 0
 
 
@@ -189,15 +217,17 @@ def results_cmd(args: argparse.Namespace) -> int:
         root = Path(args.storage) / args.name
     try:
         res = results.open(root)
-    except FileNotFoundError as e:
-        raise SpecError(str(e)) from None
+    except FileNotFoundError:
+        raise SpecError(f"{args.name}: no results (looked for {root}/results/ and {root}/*/results/); give a study "
+                        f"directory, a study name under --storage or a folder holding study directories") from None
     dataset = getattr(res, args.table)
     names = dataset.schema.names
     for column in [*(args.columns or []), *([args.sort.lstrip("-")] if args.sort else [])]:
         if column not in names:
             raise SpecError(f"--columns/--sort: unknown column '{column}'; columns: {', '.join(names)}")
-    where = parse_where(args.where, names) if args.where else None
-    table = dataset.to_table(filter=where, columns=args.columns or None)
+    where = parse_where(args.where, dataset.schema) if args.where else None
+    columns = list(dict.fromkeys(args.columns)) if args.columns else None  # Arrow refuses a column asked twice
+    table = dataset.to_table(filter=where, columns=columns)
     if args.sort:
         descending = args.desc or args.sort.startswith("-")
         table = table.sort_by([(args.sort.lstrip("-"), "descending" if descending else "ascending")])
@@ -210,7 +240,11 @@ def results_cmd(args: argparse.Namespace) -> int:
     else:
         if not args.output:
             raise SpecError("--format parquet: give --output FILE")
-        pq.write_table(table, args.output)
+        try:
+            pq.write_table(table, args.output)
+        except OSError as e:
+            raise SpecError(f"--output {args.output!r}: cannot write it ({os.strerror(e.errno) if e.errno else e}); "
+                            f"give a file in a folder that exists") from None
     return 0
 
 
@@ -241,12 +275,10 @@ def replay_cmd(args: argparse.Namespace) -> int:
                                policy=_policy_overrides(args.policy or []), metric=args.metric,
                                constraints=args.constraints, startup_trials=args.startup_trials,
                                grace_period=args.grace_period, reduction_factor=args.reduction_factor)
-    if args.seeds < 1:
-        raise SpecError(f"--seeds: must be >= 1, got {args.seeds}")
     if not 0 < args.budget <= 10:
         raise SpecError(f"--budget: a fraction of the grid's compute in (0, 10], got {args.budget:g}")
     replay.replay_spec(record, strategy, 1, 0, Path("."))  # checks the policy before Ray starts
-    from study import runner
+    from study import cluster
 
     grid = len(record.runs) * record.epochs
     best = record.best_cell()
@@ -254,16 +286,16 @@ def replay_cmd(args: argparse.Namespace) -> int:
           f"({', '.join(record.axes)}), {record.epochs} epochs each; the grid costs {grid} epochs "
           f"({record.seconds / 3600:.2f} h recorded); best cell {_cell(record, best)}: mean final kNN "
           f"{record.truth(best):.4f}")
-    runner.start_ray(None, object_store_memory=128 * 2**20)
-    outcomes = []
-    for seed in range(args.seeds):
-        ended = replay.replay(record, strategy, seed=seed, trials=args.trials, budget=round(args.budget * grid))
-        outcomes.append(ended)
-        if args.seeds == 1:
-            print(f"\n{'trial':>5} {'cell':<48} {'seed':>4} {'status':>9} {'epochs':>6} {args.metric:>9}  why")
-            for e in ended:
-                print(f"{e.trial:5d} {_cell(record, e.cell):<48} {e.seed:4d} {e.status:>9} {e.epochs:6d} "
-                      f"{e.value:9.4f}  {e.stopped_reason}")
+    # a replay keeps no study directory: its log goes to a folder of its own
+    log = None if args.verbose else Path(tempfile.mkdtemp(prefix="ssl-study-replay-")) / "ray.log"
+    with cluster.ray_session(log, object_store_memory=128 * 2**20):
+        outcomes = [replay.replay(record, strategy, seed=seed, trials=args.trials, budget=round(args.budget * grid))
+                    for seed in range(args.seeds)]
+    if args.seeds == 1:
+        print(f"\n{'trial':>5} {'cell':<48} {'seed':>4} {'status':>9} {'epochs':>6} {args.metric:>9}  why")
+        for e in outcomes[0]:
+            print(f"{e.trial:5d} {_cell(record, e.cell):<48} {e.seed:4d} {e.status:>9} {e.epochs:6d} "
+                  f"{e.value:9.4f}  {e.stopped_reason}")
     print(f"\n{'seed':>4} {'trials':>6} {'stopped':>7} {'epochs':>6} {'of grid':>7} {'hours':>6}  best configuration "
           f"found (mean final kNN; regret to the best cell)")
     for seed, ended in enumerate(outcomes):
@@ -282,8 +314,8 @@ def _cell(record, cell) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssl-study", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = _Parser(prog="ssl-study", description=__doc__.splitlines()[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def named(name: str, help: str) -> argparse.ArgumentParser:
@@ -291,6 +323,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("name", help="study directory, or study name under --storage")
         sp.add_argument("--storage", default="runs", help="where studies live (default: runs)")
         return sp
+
+    def verbose(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and the workers' output here "
+                                                               "instead of in <study dir>/logs/ray.log")
 
     lp = sub.add_parser("launch", help="run a study from a study file")
     lp.add_argument("spec", nargs="?", default=None,
@@ -302,9 +338,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--address", default=None)
     rp.set_defaults(func=resume)
     ep = named("extend", "add trials to a study, warm-started from its Optuna storage")
-    ep.add_argument("--trials", type=int, required=True, help="how many trials to add")
+    ep.add_argument("--trials", type=_at_least(1), required=True, help="how many trials to add")
     ep.add_argument("--address", default=None)
     ep.set_defaults(func=extend)
+    for sp in (lp, rp, ep):
+        verbose(sp)
     named("status", "trials by status, best so far, running trials").set_defaults(func=status)
     named("best", "the best trial: config, metrics, checkpoint").set_defaults(func=best)
     qp = named("results", "query results tables (one study, or every study under a root)")
@@ -335,17 +373,20 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--storage", default="runs")
     rp.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     rp.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
-    rp.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first rung")
-    rp.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/N at each rung")
+    rp.add_argument("--grace-period", type=_at_least(1), default=1, help="ASHA: epochs before the first rung")
+    rp.add_argument("--reduction-factor", type=_at_least(2), default=2, help="ASHA: keep 1/N at each rung")
     rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
                     help="the instability policy's mode in the replay")
     rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE", help="override the recorded stopping thresholds")
     rp.add_argument("--metric", choices=("knn_top1", "rankme"), default="knn_top1")
     rp.add_argument("--constraints", action="store_true", help="stopped or flagged trials as constraint violations")
-    rp.add_argument("--startup-trials", type=int, default=10, help="TPE's random trials before it models")
-    rp.add_argument("--seeds", type=int, default=1, help="replay seeds (sampler seed and which recorded seed plays)")
-    rp.add_argument("--trials", type=int, default=None, help="at most this many trials (default: until the budget)")
+    rp.add_argument("--startup-trials", type=_at_least(0), default=10, help="TPE's random trials before it models")
+    rp.add_argument("--seeds", type=_at_least(1), default=1,
+                    help="replay seeds (sampler seed and which recorded seed plays)")
+    rp.add_argument("--trials", type=_at_least(1), default=None,
+                    help="at most this many trials (default: until the budget)")
     rp.add_argument("--budget", type=float, default=1.0, help="compute budget as a fraction of the grid's")
+    verbose(rp)
     rp.set_defaults(func=replay_cmd)
 
     sp = sub.add_parser("submit", help="send a study to a Ray cluster as a Ray Job (token auth handled)")
@@ -358,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     from data.datasets import DatasetError
     from study.query import QueryError
 
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         return args.func(args)
-    except (SpecError, QueryError, DatasetError) as e:
+    except (UsageError, SpecError, QueryError, DatasetError) as e:
         print(f"ssl-study: error: {e}", file=sys.stderr)
         return 2
 

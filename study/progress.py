@@ -1,32 +1,114 @@
-"""One progress line per change while a study runs: trials by status, the best metric so far, elapsed time."""
+"""What a running study shows on the terminal: one progress line per change (trials by status, running trials'
+epochs, the best metric so far, elapsed time and an estimate of the time left) and one line per failed trial.
+
+:func:`console` sends everything else written to the terminal (Ray's, Tune's and the workers' output) to a
+log file; ssl-study's own lines go through :func:`out` and :func:`err`, which reach the terminal either way.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
 
 from ray.tune import Callback
 
 from study.spec import StudySpec
-from study.status import trial_status
+from study.status import failure, trial_status
+
+_terminal: list[tuple[TextIO, TextIO]] = []  # the terminal's stdout and stderr while console() redirects them
+
+
+def out() -> TextIO:
+    return _terminal[-1][0] if _terminal else sys.stdout
+
+
+def err() -> TextIO:
+    return _terminal[-1][1] if _terminal else sys.stderr
+
+
+@contextmanager
+def console(log: Path | None) -> Iterator[None]:
+    """Inside the block, whatever is written to file descriptors 1 and 2 is appended to ``log``: Ray's, Tune's
+    and Optuna's prints and log records, the C++ core's messages, the workers' output that Ray forwards to the
+    driver, and the output of the processes Ray starts meanwhile. Redirecting the descriptors, not
+    ``sys.stdout``, is what catches all of them: logging handlers hold the original streams and the C++ code
+    writes to the descriptors. ``out()`` and ``err()`` keep writing to the terminal. ``None``: redirect nothing."""
+    if log is None:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = (os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1))
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    _terminal.append(terminal)
+    colour = os.environ.get("RAY_COLOR_PREFIX")
+    os.environ["RAY_COLOR_PREFIX"] = "0"  # the driver prints the workers' lines without colour codes, as a file wants
+    try:
+        yield
+    finally:
+        sys.stdout.flush()  # what Python still buffers belongs to the log, not to the terminal
+        sys.stderr.flush()
+        _terminal.pop()
+        for fd, stream in enumerate(terminal, start=1):
+            os.dup2(stream.fileno(), fd)
+            stream.close()
+        if colour is None:
+            os.environ.pop("RAY_COLOR_PREFIX")
+        else:
+            os.environ["RAY_COLOR_PREFIX"] = colour
+
+
+def say(line: str) -> None:
+    print(line, file=out(), flush=True)
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 class ProgressLine(Callback):
-    """Prints e.g. ``[  4m05s] fmnist: 2 running, 1 completed, 1 pruned | best knn_top1 0.612 (a1b2c3d4)``."""
+    """Prints e.g. ``[   4m05s] fmnist: 2 running (a1b2c3d4 epoch 2/3, ...), 1 completed, 1 pruned of 4 | best
+    knn_top1 0.612 (a1b2c3d4) | eta 3m10s`` on every change, and for a failed trial ``trial ID failed: ERROR (full
+    log: PATH)`` on stderr.
 
-    def __init__(self, spec: StudySpec, stream=sys.stdout) -> None:
+    The estimate is the mean time per reported epoch so far (trial start-up included) times the epochs left
+    (every epoch of the trials not started yet, as if none were pruned) over the trials that can run at once.
+    """
+
+    def __init__(self, spec: StudySpec, concurrency: int = 1) -> None:
         self.name, self.metric, self.mode = spec.name, spec.search.metric, spec.search.mode
         self.epochs, self.total = spec.train_config().epochs, spec.search.num_samples
-        self.stream = stream
+        self.concurrency, self.logs = concurrency, spec.study_dir / "logs"
         self.start = time.monotonic()
         self.status: dict[str, str] = {}
         self.epoch: dict[str, int] = {}
+        self.spent: dict[str, tuple[float, int]] = {}  # trial -> (seconds, epochs) at its last report
         self.best: tuple[float, str] | None = None
 
-    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment; the stream is not needed
-        return {**self.__dict__, "stream": None}
+    def __setstate__(self, state: dict) -> None:  # Tune restores its callbacks from the experiment's pickle,
+        # which for a study interrupted under an older ssl-study lacks the newer fields
+        self.__dict__.update({"concurrency": 1, "logs": None, "spent": {}, **state})
+
+    def _eta(self) -> str:
+        epochs = sum(e for _, e in self.spent.values())
+        if not epochs:
+            return "eta ?"
+        running = [t for t, s in self.status.items() if s == "running"]
+        waiting = max(0, self.total - len(self.status))
+        left = sum(self.epochs - self.epoch.get(t, 0) for t in running) + waiting * self.epochs
+        at_once = max(1, min(self.concurrency, len(running) + waiting))
+        per_epoch = sum(s for s, _ in self.spent.values()) / epochs
+        return f"eta {clock(per_epoch * left / at_once)}"
 
     def _print(self) -> None:
         running = ", ".join(f"{t} epoch {self.epoch.get(t, 0)}/{self.epochs}"
@@ -34,10 +116,8 @@ class ProgressLine(Callback):
         parts = [f"{n} {s}" + (f" ({running})" if s == "running" else "")
                  for s, n in Counter(self.status.values()).most_common()]
         best = (f" | best {self.metric} {self.best[0]:.4g} ({self.best[1]})" if self.best else "")
-        elapsed = time.monotonic() - self.start
-        line = (f"[{int(elapsed // 60):4d}m{int(elapsed % 60):02d}s] {self.name}: {', '.join(parts)} "
-                f"of {self.total}{best}")
-        print(line, file=self.stream or sys.stdout, flush=True)
+        say(f"[{clock(time.monotonic() - self.start):>8}] {self.name}: {', '.join(parts)} of {self.total}{best} | "
+            f"{self._eta()}")
 
     def _better(self, value) -> bool:
         if not isinstance(value, int | float) or not math.isfinite(value):
@@ -52,6 +132,7 @@ class ProgressLine(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.status[trial.trial_id] = "running"
         self.epoch[trial.trial_id] = result.get("epoch", 0)
+        self.spent[trial.trial_id] = (float(result.get("time_total_s") or 0.0), int(result.get("epoch") or 0))
         if self._better(result.get(self.metric)):
             self.best = (float(result[self.metric]), trial.trial_id)
         self._print()
@@ -62,4 +143,5 @@ class ProgressLine(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.status[trial.trial_id] = "failed"
+        print(f"trial {trial.trial_id} failed: {failure(trial, self.logs)}", file=err(), flush=True)
         self._print()

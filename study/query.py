@@ -2,7 +2,8 @@
 
 The grammar is Python's expression syntax, restricted: column names, numbers, strings, True/False/None,
 comparisons (``==  !=  <  <=  >  >=``, chains included), ``in`` / ``not in`` a list, ``and``, ``or``, ``not``,
-and arithmetic (``+ - * /``). For example ``status == 'completed' and base_lr > 1e-3``.
+and arithmetic (``+ - * /``). For example ``status == 'completed' and base_lr > 1e-3``. The expression is checked
+against the table's schema before any file is scanned: a text column compared with a number, say, is refused.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ast
 import operator
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
@@ -22,7 +24,9 @@ class QueryError(ValueError):
     """A --where expression that is not in the grammar or names an unknown column."""
 
 
-def parse_where(text: str, columns: list[str]) -> ds.Expression:
+def parse_where(text: str, schema: pa.Schema) -> ds.Expression:
+    """``text`` as a filter over a table of ``schema``; QueryError names what is wrong with it."""
+    columns, named = schema.names, []
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
@@ -63,13 +67,21 @@ def parse_where(text: str, columns: list[str]) -> ds.Expression:
                 return {"True": True, "False": False, "None": None}[node.id]
             if node.id not in columns:
                 raise QueryError(f"--where {text!r}: unknown column '{node.id}'; columns: {', '.join(columns)}")
+            named.append(node.id)
             return pc.field(node.id)
         if isinstance(node, ast.Constant):
             return node.value
         raise QueryError(f"--where {text!r}: {ast.unparse(node)!r} is not supported (columns, literals, "
                          f"comparisons, in, and/or/not, + - * /)")
 
-    expr = build(tree)
+    try:
+        expr = build(tree)
+        if isinstance(expr, ds.Expression):
+            schema.empty_table().filter(expr)  # binds it to the columns' types: a mismatch raises here
+    except (TypeError, ArithmeticError, pa.ArrowException) as e:  # 'a' < 1, 1 / 0, text > 1, a non-condition
+        types = ", ".join(f"{n} ({schema.field(n).type})" for n in dict.fromkeys(named))
+        raise QueryError(f"--where {text!r}: {str(e).splitlines()[0]}" + (f"; the columns it names: {types}"
+                                                                          if types else "")) from None
     if not isinstance(expr, ds.Expression):
         raise QueryError(f"--where {text!r}: the expression names no column")
     return expr

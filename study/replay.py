@@ -33,8 +33,7 @@ import yaml
 
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
-from trainers.policy import StopPolicy, verdict
-from trainers.signals import SUMMARY_KEYS
+from trainers.policy import StopPolicy, history_entry, verdict
 
 DETECTOR_FIELDS = ("spike_threshold", "dip_threshold", "knn_smooth")  # fixed by the recording's detectors
 RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
@@ -177,7 +176,7 @@ def replay_policy(record: Record, mode: str, overrides: dict) -> StopPolicy:
 
 def summary(row: dict, policy: StopPolicy, feature_dim: int) -> dict:
     """The epoch summary :func:`trainers.policy.verdict` judges, with the collapse flag of ``policy``'s threshold."""
-    s = {k: row.get(k) for k in ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)}
+    s = history_entry(row)
     std = s.get("collapse_std_min")
     s["collapsed"] = float(std is not None and std < policy.collapse_threshold / math.sqrt(feature_dim))
     return s
@@ -353,7 +352,7 @@ def _replay_environment():
 
 def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | None = None,
            budget: int | None = None, out: Path | None = None, optuna_storage=None) -> list[Ended]:
-    """One replay of ``record`` under ``strategy``; needs a running Ray (``runner.start_ray``).
+    """One replay of ``record`` under ``strategy``; needs a running Ray (``cluster.start_ray``).
 
     ``trials`` defaults to the grid's size (one trial per cell) for the grid and to as many as the budget
     allows otherwise; ``budget`` (epochs) defaults to what the grid costs: every cell to the end once.

@@ -17,16 +17,16 @@ at most the results in flight. It reloads the tables it finds, so a resumed stud
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
+from data.atomic import atomic_path
 from search_spaces import Param
 from study.spec import StudySpec
-from study.status import trial_status
+from study.status import failure, trial_status
 from trainers.signals import SUMMARY_KEYS
 
 SCHEMA_VERSION = 2  # 2: rankme and epoch_time_s
@@ -70,11 +70,9 @@ def _with_version(schema: pa.Schema, table: str) -> pa.Schema:
 
 
 def write_atomic(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` to ``path`` through a temporary file and a rename (atomic on one file system)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """Write ``table`` to ``path`` atomically (data/atomic.py): a reader sees the old table or the new one."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -91,7 +89,7 @@ class ResultsWriter(Callback):
     """Tune callback that keeps ``trials``, ``epochs`` and ``events`` Parquet tables up to date."""
 
     def __init__(self, spec: StudySpec) -> None:
-        self.study, self.out = spec.name, spec.study_dir / "results"
+        self.study, self.out, self.logs = spec.name, spec.study_dir / "results", spec.study_dir / "logs"
         self.params, self.epochs = spec.params, spec.train_config().epochs
         self.resources = spec.resources
         self.schemas = {"trials": _with_version(trials_schema(self.params), "trials"),
@@ -152,9 +150,7 @@ class ResultsWriter(Callback):
         self.flush()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = trial.get_error()
-        self._update_trial(trial, "failed", trial.last_result, error=str(error).strip().splitlines()[-1]
-                           if error else "error")
+        self._update_trial(trial, "failed", trial.last_result, error=failure(trial, self.logs))
         self.flush()
 
     def on_experiment_end(self, trials, **info) -> None:

@@ -101,7 +101,7 @@ class StudySpec:
             raise SpecError(str(e)) from None
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train, stopping=self.stopping.as_dict())
+        return TrainConfig(**self.train, stopping=self.stopping)
 
 
 def _type_name(tp: Any) -> str:
@@ -186,19 +186,19 @@ def validate(spec: StudySpec) -> StudySpec:
         if key not in TrainConfig.field_names():
             raise _unknown(key, TrainConfig.field_names(), f"{src}: train")
         train[key] = _check_type(value, typing.get_type_hints(TrainConfig)[key], f"{src}: train.{key}")
-    cfg = spec.train_config()
     choices = {"method": METHODS, "backbone": BACKBONES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
                "pos_embed": POS_EMBEDS, "mlp_norm": MLP_NORMS}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key, accepted in choices.items():
-        _one_of(getattr(cfg, key), accepted, f"{src}: train.{key}")
-    for key in ("epochs", "batch_size"):
-        _check_positive(getattr(cfg, key), f"{src}: train.{key}")
-    from data.recipes import views_for
-
-    try:
-        views_for(cfg.method, cfg.crop_min, cfg.augment or None)
+        _one_of(train.get(key, defaults[key]), accepted, f"{src}: train.{key}")
+    try:  # TrainConfig checks its augment overrides against the method's view recipes
+        cfg = spec.train_config()
     except ValueError as e:
         raise SpecError(f"{src}: train.augment: {e}") from None
+    for key in ("epochs", "batch_size"):
+        _check_positive(getattr(cfg, key), f"{src}: train.{key}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range: a negative one fails only in the worker
+        raise SpecError(f"{src}: train.seed: {cfg.seed} is out of range; accepted: 0 to 2**32 - 1")
     res = spec.resources
     _check_positive(res.workers, f"{src}: resources.workers")
     if cfg.batch_size % res.workers:

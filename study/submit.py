@@ -19,9 +19,11 @@ import argparse
 import asyncio
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from study.spec import SpecError, StudySpec, load_spec
 
@@ -64,6 +66,24 @@ def job_request(spec_path: str | Path, working_dir: str | Path = REPO_ROOT) -> t
     return entrypoint, runtime_env
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an ``address`` that is not a dashboard URL (SpecError), or whose host does not answer on its port
+    within ``timeout_s`` (ConnectionError), before anything is uploaded."""
+    url = urlsplit(address)
+    try:
+        port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    except ValueError:  # a port that is no number, or out of range
+        port = None
+    if url.scheme not in ("http", "https") or not url.hostname or port is None:
+        raise SpecError(f"--address {address!r}: expected the Ray dashboard's URL, http://HOST:PORT "
+                        f"(e.g. http://head:8265)")
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"could not reach the Ray dashboard at {address} ({e.strerror or e}); is the "
+                              f"cluster up, and its dashboard port open to this machine?") from None
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient  # Ray only once the spec is known good
 
@@ -92,9 +112,11 @@ def submit(spec_path: str | Path, address: str, *, wait: bool = True, job_id: st
            working_dir: str | Path = REPO_ROOT, out=None) -> str:
     """Validate ``spec_path``, submit it to the Ray cluster at ``address`` (``http://HEAD:8265``) with the code
     of ``working_dir`` (this checkout) and return the job id; with ``wait``, stream the job's logs to ``out``
-    (stdout) until it ends. Raises SpecError for a bad file."""
+    (stdout) until it ends. Raises SpecError for a bad file or address, ConnectionError for a cluster that does
+    not answer."""
     spec = load_spec(spec_path)
     check_for_cluster(spec)
+    check_address(address)
     entrypoint, runtime_env = job_request(spec_path, working_dir)
     job_client = client(address)
     job_id = job_client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,

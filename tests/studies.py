@@ -5,7 +5,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from study import runner
+from study import cluster, runner
 from study.spec import StudySpec, load_spec
 
 
@@ -20,7 +20,7 @@ def write_study(root: Path, study: dict, data_dir: Path | None = None) -> StudyS
 
 def run_studies(*specs: StudySpec) -> None:
     """Run each study to the end on a 2-CPU local Ray, shut down afterwards."""
-    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
+    cluster.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
     try:
         for spec in specs:
             runner.run_study(spec)

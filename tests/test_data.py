@@ -227,8 +227,10 @@ def test_convert_fashion_mnist_is_idempotent(tmp_path):
     for split, n in (("train", 60000), ("test", 10000)):
         meta = read_metadata(paths[split])
         assert Reader(str(paths[split])).num_samples == meta["count"] == n
-        assert meta["resolution"] == 32
+        assert meta["resolution"] == 32 and meta["write_mode"] == "raw" and meta["format_version"] == 1
         assert meta["checksum"] == file_checksum(*split_files(split))
+        # as before the table of sources (data/builtin.py), so existing conversions stay up to date
+        assert meta["source"] == f"fashion-mnist {split} ({split_files(split)[0].name})"
 
     def stamps() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -84,3 +84,15 @@ def test_scale_invariance_and_chunking():
     # Half-precision inputs: exp(sim / .07) would overflow float16 (inf scores, argmax 0) if not upcast.
     half = knn_predict(feats.half(), bank.half(), bank_labels, 7)
     assert (half == full).float().mean() > 0.95
+
+
+def test_one_top_k_serves_every_k():
+    from trainers.knn import knn_predict_ks
+
+    g = torch.Generator().manual_seed(3)
+    bank, feats = torch.randn(500, 16, generator=g), torch.randn(64, 16, generator=g)
+    bank_labels = torch.randint(0, 7, (500,), generator=g)
+    many = knn_predict_ks(feats, bank, bank_labels, 7, [1, 20, 200], chunk_size=17)
+    for k, pred in many.items():
+        assert torch.equal(pred, knn_predict(feats, bank, bank_labels, 7, k=k))
+    assert not torch.equal(many[1], many[200])  # the k matter: the test could fail

@@ -247,3 +247,17 @@ def test_stop_grad_conv1_in_moco(frozen):
     # Frozen tensors are equal on both branches and stay bit-equal (the EMA skips them: no rounding drift).
     assert torch.equal(model.momentum_backbone.patch_embed.proj.weight, w0) is frozen
     assert torch.equal(model.momentum_backbone.pos_embed, model.backbone.pos_embed)
+
+
+def test_contrastive_logits_are_fp32_under_bf16_autocast():
+    from trainers.losses import NTXentLoss
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [CtrLoss(0.2)(q.bfloat16(), k.bfloat16()), NTXentLoss(0.2)(q.bfloat16(), k.bfloat16())]
+    exact = [CtrLoss(0.2)(q.bfloat16().float(), k.bfloat16().float()),
+             NTXentLoss(0.2)(q.bfloat16().float(), k.bfloat16().float())]
+    for loss, ref in zip(losses, exact, strict=True):
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ref)  # the same as fp32 on the same (bf16) inputs

@@ -38,7 +38,7 @@ def official_lars_step(m: nn.Module, state: dict, lr: float, wd: float, momentum
             p.add_(mu, alpha=-lr)
 
 
-@pytest.mark.parametrize("wd", [1e-6, 0.0])
+@pytest.mark.parametrize("wd", [1e-6, 0.0, 0.5])  # 0.5: where timm's trust ratio |g| + wd|w| differs
 def test_lars_matches_the_official_update(wd):
     ours, ref = model(), model()
     opt = create_optimizer(ours, "lars", lr=0.3, weight_decay=wd)
@@ -48,7 +48,18 @@ def test_lars_matches_the_official_update(wd):
         opt.step()
         official_lars_step(ref, state, lr=0.3, wd=wd)
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lars_trust_ratio_is_the_official_one_not_timms():
+    """By hand, one matrix: ratio = 0.001 * |w| / |g + wd * w|, then p -= lr * ratio * (g + wd * w)."""
+    w = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # |w| = 5
+    w.grad = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    opt = create_optimizer(nn.ParameterList([w]), "lars", lr=1.0, weight_decay=0.5)
+    d = torch.tensor([[2.5, 0.0], [0.0, 0.0]])  # g + 0.5 w, |d| = 2.5
+    expected = torch.tensor([[3.0, 0.0], [0.0, 4.0]]) - 0.001 * 5 / 2.5 * d
+    opt.step()
+    torch.testing.assert_close(w.detach(), expected)  # timm's: 0.001 * 5 / (sqrt(5) + 2.5) * d
 
 
 def test_adamw_decays_every_tensor_by_default_and_only_matrices_on_request():

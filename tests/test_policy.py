@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from study.spec import DEFAULT_STUDY, SpecError, load_spec
+from trainers.config import TrainConfig
 from trainers.policy import StopPolicy, verdict
 
 
@@ -75,7 +76,8 @@ def write(tmp_path, stopping):
 def test_study_file_sets_the_policy_and_the_trials_get_it(tmp_path):
     spec = load_spec(write(tmp_path, {"mode": "observe", "grace_epochs": 2, "max_spikes": 4}))
     assert spec.stopping == StopPolicy(mode="observe", grace_epochs=2, max_spikes=4)
-    assert spec.train_config().stopping["mode"] == "observe"
+    assert spec.train_config().stopping.mode == "observe"  # typed: the same StopPolicy the worker gets back
+    assert TrainConfig(**spec.train_config().as_dict()).stopping == spec.stopping
     assert load_spec().stopping == StopPolicy()  # documented defaults when the section is absent
 
 

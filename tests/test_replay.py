@@ -19,7 +19,7 @@ import pytest
 import ray
 import yaml
 
-from study import replay, runner
+from study import cluster, replay
 from study.cli import main
 from study.replay import Strategy, summary
 from study.results import EPOCH_METRICS, TABLES
@@ -83,7 +83,7 @@ def record() -> replay.Record:
 @pytest.fixture(scope="module")
 def local_ray():
     environ = dict(os.environ)  # replay() sets Tune's environment variables for the rest of the process
-    runner.start_ray(None, num_cpus=2, object_store_memory=128 * 2**20)
+    cluster.start_ray(None, num_cpus=2, object_store_memory=128 * 2**20)
     yield
     ray.shutdown()
     os.environ.clear()

@@ -10,9 +10,9 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from data.convert import convert_fashion_mnist
-from study import runner
+from study import cluster
 from trainers.config import TrainConfig
-from trainers.loop import train_loop_per_worker
+from trainers.worker import train_loop_per_worker
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
                       train_subset=256, knn_bank_subset=256, knn_eval_subset=128, checkpoint_every=1,
                       monitor_every=2, monitor_bank=128, online_probe=True, train_path=str(paths["train"]),
                       test_path=str(paths["test"]))
-    runner.start_ray(None, num_cpus=2)
+    cluster.start_ray(None, num_cpus=2)
     try:
         def run(name, **options):
             config = TrainConfig(**cfg, **options).as_dict()

@@ -144,3 +144,12 @@ def test_unreadable_study_files_give_one_line_and_exit_2(tmp_path, capsys, conte
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"ssl-study: error: {path}: {expected}")
+
+
+def test_negative_seed_is_refused_before_any_worker(tmp_path):
+    data = yaml.safe_load(DEFAULT_STUDY.read_text())
+    data.setdefault("train", {})["seed"] = -1
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match=r"train\.seed: -1 is out of range; accepted: 0 to 2\*\*32 - 1"):
+        load_spec(path)

@@ -18,7 +18,7 @@ import pytest
 import ray
 from studies import write_study
 
-from study import runner
+from study import cluster
 from study.cli import main
 
 STUDY = {
@@ -65,7 +65,7 @@ def lifecycle(tmp_path_factory):
                    if r["status"] == "completed"}
     time.sleep(2)  # let the killed session's processes go
 
-    runner.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
+    cluster.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
     try:
         assert main(["resume", "life", "--storage", str(root / "runs")]) == 0
         resumed = trials_table(spec)

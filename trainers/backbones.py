@@ -87,24 +87,13 @@ def set_pos_embed_(model: VisionTransformer, kind: str) -> None:
 
 
 @torch.no_grad()
-def moco_init_(model: VisionTransformer) -> None:
-    """MoCo v3 init (official ``VisionTransformerMoCo.__init__``): xavier-uniform Linears, zero biases.
+def moco_patch_init_(model: VisionTransformer) -> None:
+    """The part of the MoCo v3 init (official ``VisionTransformerMoCo.__init__``) that timm's ``weight_init="moco"``
+    leaves out ("minus fixed PatchEmbed"): the patch projection xavier-uniform as a Linear (fan_in = C * p * p).
 
-    qkv is one [3d, d] Linear; xavier on the whole would use fan_out 3d, so the bound is computed for one
-    d x d matrix (sqrt(6 / (d + d))), i.e. Q, K and V are each initialised as their own Linear.
-    The patch projection is xavier-uniform of the conv seen as a Linear (fan_in = C * p * p; C = 3 in the
-    official code).
+    timm's mode does the rest as the official code: xavier-uniform Linears with Q, K and V each as its own
+    d x d matrix (bound sqrt(6 / (d + d)), not the [3d, d] whole), zero biases, class token N(0, 1e-6).
     """
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            if "qkv" in name:
-                val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
-                nn.init.uniform_(m.weight, -val, val)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.normal_(model.cls_token, std=1e-6)
     if isinstance(model.patch_embed, PatchEmbed):
         proj = model.patch_embed.proj
         p = math.prod(model.patch_embed.patch_size)
@@ -339,10 +328,11 @@ def create_backbone(
         raise ValueError(f"mlp_norm must be one of {MLP_NORMS}, got {mlp_norm!r}")
     if conv_stem and stop_grad_conv1:
         raise ValueError("stop_grad_conv1 freezes the plain patch projection; it cannot be combined with conv_stem")
-    model = VisionTransformer(**_vit_kwargs(name, img_size, global_pool, drop_path_rate, conv_stem, overrides))
+    kwargs = _vit_kwargs(name, img_size, global_pool, drop_path_rate, conv_stem, overrides)
+    model = VisionTransformer(**{"weight_init": "moco" if moco_init else "", **kwargs})
     set_mlp_norm_(model, mlp_norm)
     if moco_init:
-        moco_init_(model)
+        moco_patch_init_(model)
     set_pos_embed_(model, pos_embed)
     if stop_grad_conv1:
         stop_grad_conv1_(model)

@@ -1,12 +1,17 @@
 """Every training option of one run, with the defaults of the MoCo v3 recipe scaled to a CPU-sized ViT.
 
-A study file's ``train:`` section and its search space both name fields of :class:`TrainConfig`.
+A study file's ``train:`` section and its search space both name fields of :class:`TrainConfig`; its
+``stopping:`` section is the typed :class:`~trainers.policy.StopPolicy` here, and ``augment`` is checked
+against the method's view recipes (data/recipes.py) when the config is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from data.recipes import ViewRecipe, views_for
+from trainers.policy import StopPolicy
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -52,7 +57,7 @@ class TrainConfig:
     monitor_bank: int = 4096  # the paper: 10% of the training set
     online_probe: bool = False  # a Linear head trained on detached features during pretraining
     signals_every: int = 1  # instability signals (per-layer gradient norms, spikes, collapse) every N steps; 0: off
-    stopping: dict = field(default_factory=dict)  # trainers.policy.StopPolicy fields (the study file's stopping:)
+    stopping: StopPolicy = field(default_factory=StopPolicy)  # the study file's stopping: section
     trace: bool = False  # per-step signals (gradient norms per layer group, dense kNN) in checkpoints' trace.parquet
     # run
     seed: int = 0
@@ -61,9 +66,20 @@ class TrainConfig:
     resume_from: str = ""  # a checkpoint directory to continue from when the run has none of its own
     export: bool = True  # the final checkpoint carries backbone.safetensors, loadable by timm
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stopping, dict):  # from as_dict(), e.g. through Ray's config
+            self.stopping = StopPolicy(**self.stopping)
+        self.views  # noqa: B018  (unknown augment fields and bad values raise here, naming them)
+
+    @property
+    def views(self) -> tuple[ViewRecipe, ...]:
+        """The views of this run: the method's recipe with ``crop_min`` and ``augment`` applied."""
+        return views_for(self.method, self.crop_min, self.augment or None)
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def as_dict(self) -> dict:
+        """Plain values only (the stopping policy as a dict): what Ray passes to a worker."""
         return dataclasses.asdict(self)

@@ -34,9 +34,6 @@ them. Only weights travel: ``requires_grad`` is not part of a state dict, so a p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -44,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data.atomic import atomic_path, write_text
 from trainers.backbones import BACKBONES, create_backbone, timm_spec
 
 FORMAT = "ssl-study-backbone"
@@ -53,20 +51,6 @@ VERSION = 1
 def sidecar_path(path: Path) -> Path:
     """The JSON sidecar next to ``path``: ``backbone.safetensors`` -> ``backbone.json``."""
     return Path(path).with_suffix(".json")
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_name)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -127,8 +111,9 @@ def export_backbone(backbone: nn.Module, name: str, path: Path, **create_kwargs)
         "weights": path.name,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(sidecar_path(path), json.dumps(meta, indent=2) + "\n")
     return path
 
 

@@ -24,8 +24,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data.convert import read_metadata
-from data.loaders import ViewRecipe, eval_loader, ssl_loader
+from data.recipes import ViewRecipe
 from trainers import distributed as dist
 from trainers.schedules import scaled_lr
 
@@ -219,6 +218,9 @@ def linear_probe(
     first batch, tens of seconds on a small CPU).
     """
     train_path, test_path = Path(train_path), Path(test_path)
+    from data.convert import read_metadata  # FFCV: imported here, so the online probe needs none
+    from data.loaders import eval_loader, ssl_loader
+
     meta, test_meta = read_metadata(train_path), read_metadata(test_path)
     if list(meta["classes"]) != list(test_meta["classes"]):
         raise ValueError(f"{train_path} and {test_path} have different classes")

@@ -3,39 +3,58 @@
 - AdamW (ViT, MoCo v3 default): PyTorch defaults (betas 0.9/0.999, eps 1e-8), decoupled weight decay on
   every trainable tensor as in the official code (``exclude_1d=True`` leaves biases and norms undecayed).
 - LARS (ResNet): momentum 0.9, trust coefficient 0.001; weight decay and the trust ratio only for tensors
-  with ndim > 1 (official ``moco.optimizer.LARS``), via timm's Lars with one group per kind.
+  with ndim > 1, with the official ``moco.optimizer.LARS`` trust ratio (:class:`LARS`; timm's differs).
 - LAMB (paper ablation): timm's Lamb.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.optim import Lamb, Lars
+from timm.optim import Lamb, param_groups_weight_decay
 from torch import nn
 
 OPTIMIZERS = ("adamw", "lars", "lamb")
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_1d: bool) -> list[dict]:
-    """Trainable parameters split into decayed (ndim > 1, or all) and undecayed (ndim <= 1) groups."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not exclude_1d:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+class LARS(torch.optim.Optimizer):
+    """LARS as the official MoCo v3 code has it (``moco/optimizer.py``): for a tensor with ndim > 1 the update
+    d = g + wd * w is scaled by the trust ratio ``trust_coefficient * |w| / |d|`` (1 where a norm is 0), then
+    momentum SGD; 1-D tensors (biases, norms) get plain momentum SGD, neither decayed nor scaled
+    (``exclude_1d=False`` treats them like the others). timm's Lars divides by ``|g| + wd * |w|`` instead.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001, exclude_1d: bool = True) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, exclude_1d=exclude_1d))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1 or not group["exclude_1d"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    one = torch.ones_like(w_norm)
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, one)
+                    d = d.mul(ratio)  # torch.where, not an if: no host sync per tensor
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(d)
+                p.add_(mu, alpha=-group["lr"])
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
                      exclude_1d: bool | None = None) -> torch.optim.Optimizer:
     """The named optimiser over ``model``'s trainable parameters; ``exclude_1d`` None: the recipe's choice."""
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay, bool(exclude_1d)), lr=lr)
     if name == "lars":
-        groups = param_groups(model, weight_decay, exclude_1d=exclude_1d is not False)
-        # timm adapts a group only when its decay is non-zero (or always_adapt): the official LARS adapts
-        # every ndim > 1 tensor whatever the decay, and never the 1-D ones (the second group).
-        groups[0]["always_adapt"] = True
-        return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                    exclude_1d=exclude_1d is not False)
+    groups = param_groups_weight_decay(model, weight_decay, weight_decay_exclude_1d=bool(exclude_1d))
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
     if name == "lamb":
-        return Lamb(param_groups(model, weight_decay, bool(exclude_1d)), lr=lr)
+        return Lamb(groups, lr=lr)
     raise ValueError(f"optimizer {name!r} is not one of: {', '.join(OPTIMIZERS)}")

@@ -23,6 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from trainers.signals import SUMMARY_KEYS
+
 STOP_MODES = ("enforce", "observe", "off")
 VERDICTS = ("diverged", "collapsed", "unstable")
 
@@ -66,6 +68,14 @@ class StopPolicy:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+HISTORY_KEYS = ("epoch", "knn_top1", "knn_top1_init", *SUMMARY_KEYS)  # what verdict judges of each epoch
+
+
+def history_entry(metrics: dict) -> dict:
+    """The part of an epoch's metrics (or epochs-table row) that :func:`verdict` judges."""
+    return {k: metrics.get(k) for k in HISTORY_KEYS}
 
 
 def _unstable_reason(summary: dict, policy: StopPolicy) -> str | None:

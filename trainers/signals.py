@@ -2,7 +2,7 @@
 
 The paper saw instability as dips of a dense kNN monitor, preceded by a spike of the per-layer gradient
 magnitude that appears first in the patch projection and reaches the last layers some (up to tens of)
-iterations later. This module watches, from the per-step hook of ``trainers.loop`` (``StepState``: after
+iterations later. This module watches, from its training step (``trainers.trainer.StepState``: after
 backward with gradients unscaled, before the optimiser step):
 
 - per-layer-group gradient norms (:func:`layer_groups`, :func:`grad_norms`), each normalised by its own running
@@ -25,20 +25,42 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch import Tensor, nn
 
 EVENT_KINDS: tuple[str, ...] = ("grad_spike", "loss_spike", "nonfinite", "knn_dip", "collapse")
 
-# The keys of InstabilityMonitor.epoch_summary, in order.
-SUMMARY_KEYS: tuple[str, ...] = (
-    "spike_count", "spike_episodes", "max_spike_ratio", "first_layer_lead_steps", "first_layer_led_frac",
-    "loss_spike_count", "worst_knn_dip", "knn_dip_count", "epoch_knn_dip", "collapse_std_min", "collapsed",
-    "nonfinite",
-)
+@dataclass
+class EpochSignals:
+    """One epoch's instability numbers, as :meth:`InstabilityMonitor.epoch_summary` reports them.
+
+    spike_count: grad_spike events; spike_episodes: episodes opened; max_spike_ratio: the largest gradient norm
+    / running median of any group (spike or not; NaN while warming up); first_layer_lead_steps: median lead (NaN
+    if none); first_layer_led_frac: fraction of the episodes whose first step includes the first group (NaN if
+    none); loss_spike_count; worst_knn_dip: largest drop of the dense kNN below its running best (0 if none, NaN
+    without values); knn_dip_count: dense knn_dip events; epoch_knn_dip: see :meth:`InstabilityMonitor.on_epoch_knn`;
+    collapse_std_min: smallest collapse std measured; collapsed, nonfinite: 0/1, any such measurement.
+    """
+
+    spike_count: float = 0.0
+    spike_episodes: float = 0.0
+    max_spike_ratio: float = math.nan
+    first_layer_lead_steps: float = math.nan
+    first_layer_led_frac: float = math.nan
+    loss_spike_count: float = 0.0
+    worst_knn_dip: float = math.nan
+    knn_dip_count: float = 0.0
+    epoch_knn_dip: float = math.nan
+    collapse_std_min: float = math.nan
+    collapsed: float = 0.0
+    nonfinite: float = 0.0
+
+
+SUMMARY_KEYS: tuple[str, ...] = tuple(f.name for f in fields(EpochSignals))  # the keys of epoch_summary, in order
 
 
 @dataclass(frozen=True)
@@ -142,17 +164,6 @@ class KnnDipDetector:
 # ------------------------------------------------------------------------------------------ layers and norms
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _trainable(*modules: nn.Module | None) -> list[nn.Parameter]:
     return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
@@ -174,7 +185,7 @@ def layer_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     Only parameters with ``requires_grad``; groups are disjoint and empty groups are left out. The first group is
     the "first layer" of :class:`InstabilityMonitor`'s lead, the last one before "heads" its "last layer".
     """
-    method = unwrap(model)
+    method = unwrap_model(model)
     backbone = getattr(method, "backbone", method)
     if hasattr(backbone, "patch_embed") and hasattr(backbone, "blocks"):
         blocks = list(backbone.blocks)
@@ -318,10 +329,9 @@ class InstabilityMonitor:
     # ------------------------------------------------------------------------------------------------ steps
 
     def _reset_epoch(self) -> None:
-        self._epoch = {"spike_count": 0, "spike_episodes": 0, "first_led": 0, "max_spike_ratio": math.nan,
-                       "loss_spike_count": 0, "worst_knn_dip": math.nan, "knn_dip_count": 0,
-                       "epoch_knn_dip": math.nan, "collapse_std_min": math.nan, "collapsed": 0, "nonfinite": 0,
-                       "leads": []}
+        self._epoch = EpochSignals()
+        self._epoch_leads: list[int] = []  # the leads of this epoch's episodes
+        self._epoch_first_led = 0  # this epoch's episodes that the first group opened
 
     def _emit(self, new: list[Event], step: int, epoch: int, kind: str, layer: str, magnitude: float) -> None:
         event = Event(step, epoch, kind, layer, float(magnitude))
@@ -336,13 +346,13 @@ class InstabilityMonitor:
 
     def _check_loss(self, new: list[Event], step: int, epoch: int, loss: float) -> None:
         if not math.isfinite(loss):
-            self._epoch["nonfinite"] = 1
+            self._epoch.nonfinite = 1.0
             if self._enter("loss", True):
                 self._emit(new, step, epoch, "nonfinite", "loss", loss)
             return
         self._enter("loss", False)
         if (ratio := self.loss_detector.update(loss)) is not None:
-            self._epoch["loss_spike_count"] += 1
+            self._epoch.loss_spike_count += 1
             self._emit(new, step, epoch, "loss_spike", "loss", ratio)
 
     def _check_grads(self, new: list[Event], step: int, epoch: int, norms: dict[str, float]) -> None:
@@ -350,7 +360,7 @@ class InstabilityMonitor:
         spiked = []
         for name, norm in norms.items():
             if not math.isfinite(norm):
-                self._epoch["nonfinite"] = 1
+                self._epoch.nonfinite = 1.0
                 if self._enter(name, True):
                     self._emit(new, step, epoch, "nonfinite", name, norm)
             else:
@@ -359,10 +369,10 @@ class InstabilityMonitor:
                                                                           self.warmup))
             ratio = detector.update(norm)
             self.last_ratios[name] = detector.last_ratio
-            self._epoch["max_spike_ratio"] = _nanmax(self._epoch["max_spike_ratio"], detector.last_ratio)
+            self._epoch.max_spike_ratio = _nanmax(self._epoch.max_spike_ratio, detector.last_ratio)
             if ratio is not None:
                 spiked.append(name)
-                self._epoch["spike_count"] += 1
+                self._epoch.spike_count += 1
                 self._emit(new, step, epoch, "grad_spike", name, ratio)
         if spiked:
             self._track_episode(step, epoch, spiked)
@@ -380,8 +390,8 @@ class InstabilityMonitor:
         if step - self._episode_last > self.lead_window:
             self.episodes.append({"start_step": step, "epoch": epoch, "first_layers": list(spiked), "layers": {},
                                   "lead": None})
-            self._epoch["spike_episodes"] += 1
-            self._epoch["first_led"] += int(first is not None and first in spiked)
+            self._epoch.spike_episodes += 1
+            self._epoch_first_led += int(first is not None and first in spiked)
         self._episode_last = step
         episode = self.episodes[-1]
         layers = episode["layers"]
@@ -392,15 +402,15 @@ class InstabilityMonitor:
             if abs(lead) <= self.lead_window:
                 episode["lead"] = lead
                 self.leads.append(lead)
-                self._epoch["leads"].append(lead)
+                self._epoch_leads.append(lead)
 
     def _check_collapse(self, new: list[Event], step: int, epoch: int, std: float, dim: int) -> None:
         self.last_collapse_std = std
         if not math.isfinite(std):
             return
-        self._epoch["collapse_std_min"] = _nanmin(self._epoch["collapse_std_min"], std)
+        self._epoch.collapse_std_min = _nanmin(self._epoch.collapse_std_min, std)
         collapsed = std < self.collapse_threshold / math.sqrt(dim)
-        self._epoch["collapsed"] |= int(collapsed)
+        self._epoch.collapsed = max(self._epoch.collapsed, float(collapsed))
         if self._enter("features", collapsed):
             self._emit(new, step, epoch, "collapse", "features", std)
 
@@ -411,7 +421,7 @@ class InstabilityMonitor:
             return []
         names, norms, features = [], None, None
         if state is not None:
-            model = unwrap(state.model)
+            model = unwrap_model(state.model)
             if model is not self._model:
                 self._model, self._groups = model, layer_groups(model)
             names, norms = grad_norm_tensor(self._groups)
@@ -434,7 +444,7 @@ class InstabilityMonitor:
         return new
 
     def on_step(self, state) -> list[Event]:
-        """Step hook (``trainers.loop.StepState``): returns the events found in this call (loss events of the
+        """Step hook (``trainers.trainer.StepState``): returns the events found in this call (loss events of the
         unmeasured steps since the last measured one carry their own step)."""
         self._pending.append((state.step, state.epoch, state.loss.detach()))
         if state.step % self.every:
@@ -459,10 +469,10 @@ class InstabilityMonitor:
         value is more than ``dip_threshold`` below the running best."""
         dip = self.dense_knn.update(value)
         if math.isfinite(self.dense_knn.last_dip):
-            self._epoch["worst_knn_dip"] = _nanmax(self._epoch["worst_knn_dip"], self.dense_knn.last_dip)
+            self._epoch.worst_knn_dip = _nanmax(self._epoch.worst_knn_dip, self.dense_knn.last_dip)
         if dip is None:
             return None
-        self._epoch["knn_dip_count"] += 1
+        self._epoch.knn_dip_count += 1
         new: list[Event] = []
         self._emit(new, step, epoch, "knn_dip", "dense_knn", dip)
         return new[0]
@@ -472,7 +482,7 @@ class InstabilityMonitor:
         below the best epoch so far; ``epoch_knn_dip`` of the summary is its drop (0 for a new best)."""
         dip = self.epoch_knn.update(value)
         if math.isfinite(self.epoch_knn.last_dip):
-            self._epoch["epoch_knn_dip"] = self.epoch_knn.last_dip
+            self._epoch.epoch_knn_dip = self.epoch_knn.last_dip
         if dip is None:
             return None
         new: list[Event] = []
@@ -482,31 +492,14 @@ class InstabilityMonitor:
     # ----------------------------------------------------------------------------------------------- epochs
 
     def epoch_summary(self) -> dict[str, float]:
-        """This epoch's numbers (``SUMMARY_KEYS``), then a reset; :meth:`flush` first.
-
-        spike_count: grad_spike events; spike_episodes: episodes opened; max_spike_ratio: the largest gradient norm
-        / running median of any group (spike or not; NaN while warming up); first_layer_lead_steps: median lead
-        (NaN if none); first_layer_led_frac: fraction of the episodes whose first step includes the first group
-        (NaN if none); loss_spike_count; worst_knn_dip: largest drop of the dense kNN below its running best (0 if
-        none, NaN without values); knn_dip_count: dense knn_dip events; epoch_knn_dip: see :meth:`on_epoch_knn`;
-        collapse_std_min: smallest collapse std measured; collapsed, nonfinite: 0/1, any such measurement.
-        """
+        """This epoch's :class:`EpochSignals` as a dict (``SUMMARY_KEYS``), then a reset; :meth:`flush` first."""
         self.flush()
         e = self._epoch
-        summary = {
-            "spike_count": float(e["spike_count"]),
-            "spike_episodes": float(e["spike_episodes"]),
-            "max_spike_ratio": e["max_spike_ratio"],
-            "first_layer_lead_steps": float(statistics.median(e["leads"])) if e["leads"] else math.nan,
-            "first_layer_led_frac": e["first_led"] / e["spike_episodes"] if e["spike_episodes"] else math.nan,
-            "loss_spike_count": float(e["loss_spike_count"]),
-            "worst_knn_dip": e["worst_knn_dip"],
-            "knn_dip_count": float(e["knn_dip_count"]),
-            "epoch_knn_dip": e["epoch_knn_dip"],
-            "collapse_std_min": e["collapse_std_min"],
-            "collapsed": float(e["collapsed"]),
-            "nonfinite": float(e["nonfinite"]),
-        }
+        if self._epoch_leads:
+            e.first_layer_lead_steps = float(statistics.median(self._epoch_leads))
+        if e.spike_episodes:
+            e.first_layer_led_frac = self._epoch_first_led / e.spike_episodes
+        summary = asdict(e)
         self._reset_epoch()
         return summary
 
@@ -525,7 +518,7 @@ class InstabilityMonitor:
             "episodes": [{**ep, "layers": dict(ep["layers"])} for ep in self.episodes],
             "bad": dict(self._bad),
             "episode_last": self._episode_last,
-            "epoch": {**self._epoch, "leads": list(self._epoch["leads"])},
+            "epoch": {**asdict(self._epoch), "leads": list(self._epoch_leads), "first_led": self._epoch_first_led},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -541,5 +534,7 @@ class InstabilityMonitor:
         self.episodes = [{**ep, "layers": dict(ep["layers"])} for ep in state["episodes"]]
         self._bad = dict(state["bad"])
         self._episode_last = state["episode_last"]
-        self._epoch = {**state["epoch"], "leads": list(state["epoch"]["leads"])}
+        epoch = dict(state["epoch"])
+        self._epoch_leads, self._epoch_first_led = list(epoch.pop("leads")), int(epoch.pop("first_led"))
+        self._epoch = EpochSignals(**{k: float(v) for k, v in epoch.items() if k in SUMMARY_KEYS})
         self._pending = []

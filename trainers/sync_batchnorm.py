@@ -1,9 +1,9 @@
 """Batch normalisation over the global batch on any backend.
 
-MoCo v3 normalises its heads with the statistics of the whole (global) batch: SyncBatchNorm. PyTorch's
-SyncBatchNorm runs on GPUs only (and DDP refuses it on CPU), so CPU workers under gloo use
-:class:`GlobalBatchNorm`, which all-reduces the per-channel sums with gradient. GPU workers keep PyTorch's
-fused SyncBatchNorm.
+MoCo v3 normalises its heads with the statistics of the whole (global) batch: SyncBatchNorm. Every worker,
+CPU (gloo) or GPU (NCCL), uses :class:`GlobalBatchNorm`, which all-reduces the per-channel sums with gradient
+in one collective. PyTorch's SyncBatchNorm runs on GPUs only (DDP refuses it on CPU) and blocks on a host sync
+in every call (it reads the gathered counts back: 16 syncs per MoCo v3 ViT step, about 220 for ResNet-50).
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ class GlobalBatchNorm(_BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of ``module`` normalised over the global batch: SyncBatchNorm on GPU, else ours."""
-    if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    """Every BatchNorm of ``module`` (PyTorch's SyncBatchNorm included) as a :class:`GlobalBatchNorm` on ``device``,
+    sharing its parameters and running statistics."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, device=device)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.distributed import concat_all_gather, rank
+from trainers.losses.precision import at_least_fp32
 
 
 class CtrLoss(nn.Module):
@@ -15,15 +16,19 @@ class CtrLoss(nn.Module):
     As in the official ``contrastive_loss``: q and k are L2-normalised, k is gathered from all workers without
     gradient, logits are [N_local, N_global] and the positive of local row i is global column
     i + N_local * rank. The 2T factor (paper Algorithm 1 note) makes the gradient scale independent of T.
+    Computed in fp32 under autocast: bf16 holds a logit near 1 / 0.2 = 5 only in steps of 0.03, as
+    large as the gaps between hard negatives, and the [N, N] product costs little next to the backbone.
     """
 
     def __init__(self, temperature: float = 0.2) -> None:
         super().__init__()
         self.temperature = temperature
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
-        q = F.normalize(q, dim=1)
-        k = concat_all_gather(F.normalize(k, dim=1))
+        q = F.normalize(at_least_fp32(q), dim=1)
+        k = concat_all_gather(F.normalize(at_least_fp32(k), dim=1))
         logits = q @ k.T / self.temperature
         n = logits.shape[0]
         labels = torch.arange(n, device=logits.device) + n * rank()

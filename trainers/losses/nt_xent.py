@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.distributed import all_gather_with_grad, rank
+from trainers.losses.precision import at_least_fp32
 
 
 class NTXentLoss(nn.Module):
@@ -28,10 +29,12 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
+    @torch.autocast("cuda", enabled=False)  # fp32 logits, as CtrLoss says why
+    @torch.autocast("cpu", enabled=False)
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         if z1.shape != z2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-        z = torch.cat([F.normalize(z1, dim=1), F.normalize(z2, dim=1)])  # [2n, d]: local views 1 then 2
+        z = F.normalize(at_least_fp32(torch.cat([z1, z2])), dim=1)  # [2n, d]: local views 1 then 2
         z_all = all_gather_with_grad(z)  # [2N, d]
         logits = z @ z_all.T / self.temperature  # [2n, 2N]
         two_n = z.shape[0]

@@ -1,7 +1,7 @@
 """Self-supervised methods: backbone + heads + loss, forward returns (loss, features).
 
 Every method exposes ``.backbone`` (the trained backbone whose features the kNN evaluates) and
-``forward(x1, x2, moco_m) -> (loss, features)``; those with a momentum (target) encoder also expose
+``forward(x1, x2, moco_m=None) -> (loss, features)``; those with a momentum (target) encoder also expose
 ``update_momentum(m)``.
 """
 

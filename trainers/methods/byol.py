@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from trainers.heads import mlp
 from trainers.losses import ByolLoss
 from trainers.methods.momentum import ema_update_
+from trainers.methods.views import encode_views, has_batchnorm
 
 
 class BYOL(nn.Module):
@@ -28,6 +29,7 @@ class BYOL(nn.Module):
         mlp_dim: int = 4096,
         proj_layers: int = 2,
         pred_layers: int = 2,
+        fuse_views: bool | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -37,25 +39,27 @@ class BYOL(nn.Module):
         self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = ByolLoss()
+        # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
+        self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """xi <- m * xi + (1 - m) * theta over backbone + projector parameters (see ``ema_update_``)."""
         ema_update_((self.backbone, self.projector), (self.target_backbone, self.target_projector), m)
 
-    def forward(self, x1: Tensor, x2: Tensor, moco_m: float) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, x2: Tensor, moco_m: float | None = None) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
         The target is updated first (with the current online weights), as MoCo v3 does for its momentum encoder,
-        so that every method of the study follows one order. The two views pass separately (per-view BN
-        statistics).
+        so that every method of the study follows one order. The heads see the two views separately (per-view BN
+        statistics); the backbones too where they have BN (``fuse_views``).
         """
-        self.update_momentum(moco_m)
-        h1 = self.backbone(x1)
-        p1 = self.predictor(self.projector(h1))
-        p2 = self.predictor(self.projector(self.backbone(x2)))
+        if moco_m is not None:  # None: the caller did (as MoCoV3.forward says why)
+            self.update_momentum(moco_m)
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        p1, p2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
-            z1 = self.target_projector(self.target_backbone(x1))
-            z2 = self.target_projector(self.target_backbone(x2))
+            g1, g2 = encode_views(self.target_backbone, x1, x2, self.fuse_views)
+            z1, z2 = self.target_projector(g1), self.target_projector(g2)
         loss = self.criterion(p1, z2) + self.criterion(p2, z1)
         return loss, h1.detach()

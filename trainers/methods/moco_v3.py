@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from trainers.heads import mlp
 from trainers.losses import CtrLoss
 from trainers.methods.momentum import ema_update_
+from trainers.methods.views import encode_views, has_batchnorm
 
 
 class MoCoV3(nn.Module):
@@ -31,6 +32,7 @@ class MoCoV3(nn.Module):
         proj_layers: int = 3,
         pred_layers: int = 2,
         pred_last_bn: bool = True,
+        fuse_views: bool | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -40,24 +42,29 @@ class MoCoV3(nn.Module):
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = CtrLoss(temperature)
+        # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
+        self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """p_m <- m * p_m + (1 - m) * p over backbone + projector parameters (see ``ema_update_``)."""
         ema_update_((self.backbone, self.projector), (self.momentum_backbone, self.momentum_projector), m)
 
-    def forward(self, x1: Tensor, x2: Tensor, moco_m: float) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, x2: Tensor, moco_m: float | None = None) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
-        The two views pass separately so that BN statistics are per view (as in the official code).
+        The heads see the two views separately, so that their BN statistics are per view (as in the official
+        code); the backbones too where they have BN (``fuse_views``).
         """
         # The official code updates the momentum encoder before computing the keys (same step's base weights).
-        self.update_momentum(moco_m)
-        h1 = self.backbone(x1)
-        q1 = self.predictor(self.projector(h1))
-        q2 = self.predictor(self.projector(self.backbone(x2)))
+        # moco_m None: the caller did (the Trainer, outside a compiled forward, where a float changing every
+        # step would make torch.compile recompile every step).
+        if moco_m is not None:
+            self.update_momentum(moco_m)
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_backbone(x1))
-            k2 = self.momentum_projector(self.momentum_backbone(x2))
+            g1, g2 = encode_views(self.momentum_backbone, x1, x2, self.fuse_views)
+            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         return loss, h1.detach()

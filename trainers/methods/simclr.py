@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from trainers.heads import mlp
 from trainers.losses import NTXentLoss
+from trainers.methods.views import encode_views, has_batchnorm
 
 
 class SimCLR(nn.Module):
@@ -23,6 +24,7 @@ class SimCLR(nn.Module):
         mlp_dim: int = 4096,
         temperature: float = 0.1,
         proj_layers: int = 2,
+        fuse_views: bool | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -32,14 +34,16 @@ class SimCLR(nn.Module):
         # exclude the last layer, so we follow SimCLR's own head.
         self.projector = mlp(proj_layers, backbone.num_features, mlp_dim, dim, last_bn=True)
         self.criterion = NTXentLoss(temperature)
+        # Both views through the backbone as one batch where that is exact (no BatchNorm inside; views.py)
+        self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
 
-    def forward(self, x1: Tensor, x2: Tensor, moco_m: float) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, x2: Tensor, moco_m: float | None = None) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
         ``moco_m`` is accepted and ignored (SimCLR has no momentum encoder) so that every method shares the
-        signature ``forward(x1, x2, moco_m)``. The two views pass separately (per-view BN statistics).
+        signature ``forward(x1, x2, moco_m)``. The projector sees the views separately (per-view BN
+        statistics); the backbone too where it has BN (``fuse_views``).
         """
-        h1 = self.backbone(x1)
-        z1 = self.projector(h1)
-        z2 = self.projector(self.backbone(x2))
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        z1, z2 = self.projector(h1), self.projector(h2)
         return self.criterion(z1, z2), h1.detach()

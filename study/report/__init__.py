@@ -1,0 +1,29 @@
+"""``ssl-study report NAME``: PNG figures and one HTML page that sums up a study.
+
+Under ``<study_dir>/report/`` (or ``--out DIR``), each file written to a temporary name then renamed
+(``data.atomic``), one module of this package per file:
+
+- ``curves.png`` (``curves``): kNN top-1, training loss and dense-kNN minimum per epoch, one line per trial
+  coloured by status (dashed: stopped by the instability policy), instability events marked at their epoch;
+- ``events.png`` (``events``): every instability event by training step, one row per trial (the paper's "spike
+  precedes the dip" view);
+- ``heatmap.png`` (``heatmap``, over the cells of ``grid``): the final study metric over two parameters, as the
+  paper's batch x lr table (``--params A B``; default base_lr x batch_size, else the two searched parameters
+  with the most distinct values);
+- ``status.png`` (``status_counts``): trials by status;
+- ``importance.png`` (``importance``): parameter importance from the Optuna storage (PED-ANOVA);
+- ``parallel.png`` (``parallel``): parallel coordinates over the searched parameters and the metric;
+- ``report.html`` (``page``): a summary table of the trials and the figures.
+
+``data`` reads the results tables, ``style`` holds what the figures share, ``write`` puts it all together and
+``command`` is the CLI's subcommand. Figures are drawn with matplotlib's object API
+(``matplotlib.figure.Figure``, saved through the Agg canvas): no pyplot, no global backend switch, nothing shown
+on screen; matplotlib is imported only when a report is written.
+"""
+
+from study.report.command import add_report_arguments, report_from_args
+from study.report.data import StudyData, load
+from study.report.grid import heatmap_params
+from study.report.write import write_report
+
+__all__ = ["StudyData", "add_report_arguments", "heatmap_params", "load", "report_from_args", "write_report"]

@@ -1,0 +1,181 @@
+"""What a run watches and does beside its training step, one :class:`~trainers.trainer.Callback` each.
+
+Order matters and is the order of :func:`default_callbacks`: the dense kNN monitor measures first (its value
+goes into the step state), the instability signals read it, the online probe trains, the trace records what
+the signals measured, and the verdict judges the epoch's metrics last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainers import distributed as dist
+from trainers.linear_probe import OnlineLinearProbe
+from trainers.monitor import DenseKnnMonitor
+from trainers.policy import StopPolicy, history_entry, verdict
+from trainers.signals import InstabilityMonitor
+from trainers.trainer import Callback, StepState, Trainer
+
+TRACE_FILE = "trace.parquet"
+
+
+class DenseKnn(Callback):
+    """The paper's dense kNN monitor (trainers/monitor.py): the batch's features against a FIFO bank of recent
+    ones every ``monitor.every`` steps; ``dense_knn_last`` / ``dense_knn_min`` of the epoch."""
+
+    name = "monitor"
+
+    def __init__(self, monitor: DenseKnnMonitor) -> None:
+        self.monitor, self.values = monitor, []
+
+    def on_step(self, state: StepState) -> None:
+        state.dense_knn = self.monitor.update(state.step, state.features.float(), state.labels)
+        if state.dense_knn is not None:
+            self.values.append(state.dense_knn)
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if self.values:
+            metrics.update(dense_knn_last=self.values[-1], dense_knn_min=min(self.values))
+        self.values = []
+
+    def state_dict(self) -> dict:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state)
+
+
+class Signals(Callback):
+    """The instability signals (trainers/signals.py): gradient norms per layer group, spikes, loss, collapse and
+    kNN dips; the epoch's summary and its new events go into the metrics.
+
+    ``halt_on_nonfinite``: end training at the first measured step with non-finite gradients (they are
+    all-reduced, so every rank halts at the same step). Off under fp16, whose grad scaler skips inf steps by
+    design: there a diverged run is caught by the epoch's verdict instead.
+    """
+
+    name = "signals"
+
+    def __init__(self, monitor: InstabilityMonitor, halt_on_nonfinite: bool) -> None:
+        self.monitor, self.halt_on_nonfinite = monitor, halt_on_nonfinite
+        self.reported, self.last_step = 0, -1  # events already reported; the epoch kNN's step
+
+    def on_step(self, state: StepState) -> None:
+        self.last_step = state.step
+        self.monitor.on_step(state)
+        if state.dense_knn is not None:
+            self.monitor.on_dense_knn(state.step, state.epoch, state.dense_knn)
+        state.halt |= self.halt_on_nonfinite and self.monitor.nonfinite_gradients
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if math.isfinite(metrics["knn_top1"]):
+            self.monitor.on_epoch_knn(self.last_step, epoch, metrics["knn_top1"])
+        metrics.update(self.monitor.epoch_summary())
+        metrics["events"] = [{**asdict(e), "epoch": e.epoch + 1} for e in self.monitor.events[self.reported:]]
+        self.reported = len(self.monitor.events)
+
+    def state_dict(self) -> dict:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state)
+        self.reported = len(self.monitor.events)
+
+
+class OnlineProbe(Callback):
+    """A linear head trained on the detached features during pretraining; ``online_probe_top1`` is its accuracy
+    on each batch before it trains on it, averaged over the epoch."""
+
+    name = "probe"
+
+    def __init__(self, probe: OnlineLinearProbe) -> None:
+        self.probe, self.accuracies = probe, []
+
+    def on_step(self, state: StepState) -> None:
+        self.accuracies.append(self.probe.accuracy(state.features, state.labels))
+        self.probe.step(state.features, state.labels)
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        metrics["online_probe_top1"] = sum(self.accuracies) / len(self.accuracies)
+        self.accuracies = []
+
+    def state_dict(self) -> dict:
+        return {"head": self.probe.state_dict(), "optimizer": self.probe.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe.load_state_dict(state["head"])
+        self.probe.optimizer.load_state_dict(state["optimizer"])
+
+
+class Trace(Callback):
+    """Per measured step: each layer group's gradient norm, its ratio to the running median, and the dense kNN
+    where it was measured; written as ``trace.parquet`` next to each checkpoint."""
+
+    name = "trace"
+
+    def __init__(self, signals: InstabilityMonitor) -> None:
+        self.signals, self.rows = signals, []
+
+    def on_step(self, state: StepState) -> None:
+        if state.step % self.signals.every == 0:
+            self.rows.append({
+                "step": state.step, "epoch": state.epoch + 1,
+                **{f"grad_{k}": v for k, v in self.signals.last_norms.items()},
+                **{f"ratio_{k}": v for k, v in self.signals.last_ratios.items()},
+                "dense_knn": math.nan if state.dense_knn is None else state.dense_knn})
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+
+    def save_files(self, directory: Path) -> None:
+        pq.write_table(pa.Table.from_pylist(self.rows), directory / TRACE_FILE)
+
+
+class Verdict(Callback):
+    """The instability policy's verdict on the run so far (trainers/policy.py): ``verdict``, ``verdict_reason``
+    and ``stopped`` (in ``enforce`` mode a verdict ends the run after this epoch). Rank 0's signals decide
+    for every rank."""
+
+    name = "verdict"
+
+    def __init__(self, policy: StopPolicy, device) -> None:
+        self.policy, self.device, self.history = policy, device, []
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.history.append(history_entry(metrics))
+        judged = dist.broadcast_object(verdict(self.history, self.policy), self.device)
+        metrics.update(verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
+                       stopped=int(judged is not None and self.policy.mode == "enforce"))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
+
+def default_callbacks(trainer: Trainer) -> list[Callback]:
+    """The callbacks ``trainer.cfg`` asks for, in the order they must run."""
+    cfg, callbacks = trainer.cfg, []
+    if cfg.monitor_every:
+        callbacks.append(DenseKnn(DenseKnnMonitor(cfg.monitor_bank, trainer.loaders.num_classes, cfg.monitor_every,
+                                                  k=cfg.knn_k, temperature=cfg.knn_t)))
+    signals = None
+    if cfg.signals_every:
+        signals = InstabilityMonitor(every=cfg.signals_every, **cfg.stopping.monitor_options())
+        callbacks.append(Signals(signals, cfg.stopping.mode == "enforce" and not trainer.scaler.is_enabled()))
+    if cfg.online_probe:
+        probe = OnlineLinearProbe(trainer.net.backbone.num_features, trainer.loaders.num_classes)
+        callbacks.append(OnlineProbe(probe.to(trainer.device)))
+    if cfg.trace and signals is not None and trainer.rank == 0:
+        callbacks.append(Trace(signals))
+    callbacks.append(Verdict(cfg.stopping, trainer.device))
+    return callbacks

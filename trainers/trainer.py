@@ -1,0 +1,303 @@
+"""One run's pretraining: a :class:`Trainer` (build, step, evaluate, state) and the :class:`Callback` protocol.
+
+The Trainer owns what every run has: the model (DDP and global-batch BatchNorm across workers), the
+optimiser with the per-iteration warmup-cosine rate and cosine momentum, autocast and the grad scaler, the
+per-epoch kNN evaluation and the checkpoint state. Everything else a run watches or does on the side is a
+callback (trainers/callbacks.py): the dense kNN monitor, the instability signals, the online probe, the trace
+and the policy's verdict, so a new signal is one new class. Nothing here imports Ray or FFCV at module level:
+the Ray Train worker (trainers/worker.py) wraps a Trainer with a device, checkpoint restore and reporting, a
+test runs one in a plain process, and ``bench/trainer.py`` times :meth:`Trainer.train_step` on any torch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainers import distributed as dist
+from trainers.backbones import create_backbone
+from trainers.config import PRECISIONS, TrainConfig
+from trainers.evaluation import evaluate
+from trainers.methods import build_method
+from trainers.optim import create_optimizer
+from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
+from trainers.sync_batchnorm import convert_sync_batchnorm
+
+# The data subsets are part of the dataset, not of the run: the same images for every seed, so that the
+# spread between seeds measures training (the paper's 0.1-0.3 points), not which 1,000 test images were drawn.
+DATA_SEED = 0
+STATE_FILE = "state.pt"
+# Reported every epoch even when the callback that measures them is off (NaN then): one schema for every run.
+OPTIONAL_METRICS = ("online_probe_top1", "dense_knn_last", "dense_knn_min")
+
+
+@dataclass
+class StepState:
+    """What a callback sees each step: after backward (gradients unscaled), before the optimiser step.
+
+    Callbacks run in order and may leave results for the later ones: ``dense_knn`` (the dense kNN monitor's
+    value on the steps it measures) and ``halt`` (end training now: non-finite gradients).
+    """
+
+    epoch: int
+    step: int
+    loss: Tensor
+    features: Tensor
+    labels: Tensor
+    model: nn.Module
+    lr: float
+    moco_m: float
+    dense_knn: float | None = None
+    halt: bool = False
+
+
+class Callback:
+    """A per-step and per-epoch job of training whose state survives a restart; override what you need.
+
+    ``name`` is its key in the checkpoint. Every rank calls every hook (some all-reduce).
+    """
+
+    name: ClassVar[str] = ""
+
+    def on_step(self, state: StepState) -> None:
+        """Each training step (see :class:`StepState`)."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        """After the epoch's evaluation: add this callback's numbers to ``metrics`` (the earlier callbacks' are
+        already there)."""
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+
+    def save_files(self, directory: Path) -> None:
+        """Write files of its own next to the checkpoint's state (rank 0 only)."""
+
+
+class Loaders(NamedTuple):
+    train: object  # batches (view 1, view 2, labels)
+    bank: object  # kNN bank: (images, labels)
+    test: object  # kNN queries: (images, labels)
+    num_classes: int
+
+
+def subset(n: int | None, total: int, seed: int) -> list[int] | None:
+    """A fixed random subset of ``n`` indices (the same on every worker), or None for all."""
+    if n is None or n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)).tolist()
+
+
+def ffcv_loaders(cfg: TrainConfig, device: torch.device) -> Loaders:
+    """The run's FFCV loaders, built once and reused every epoch (each new one costs a numba compile)."""
+    from data.convert import read_metadata
+    from data.loaders import eval_loader, ssl_loader
+
+    train, test = Path(cfg.train_path), Path(cfg.test_path)
+    meta, test_count = read_metadata(train), read_metadata(test)["count"]
+    world = dist.world_size()
+    common = {"num_workers": cfg.loader_workers, "distributed": world > 1, "device": device}
+    loaders = Loaders(
+        ssl_loader(train, batch_size=cfg.batch_size // world, views=cfg.views, seed=cfg.seed,
+                   indices=subset(cfg.train_subset, meta["count"], DATA_SEED), **common),
+        eval_loader(train, batch_size=256, crop_ratio=1.0,
+                    indices=subset(cfg.knn_bank_subset, meta["count"], DATA_SEED + 1), **common),
+        eval_loader(test, batch_size=256, crop_ratio=1.0,
+                    indices=subset(cfg.knn_eval_subset, test_count, DATA_SEED + 2), **common),
+        meta["num_classes"])
+    torch.set_num_threads(cfg.threads)  # FFCV sets it to its worker count when a loader is built
+    return loaders
+
+
+def backbone_options(cfg: TrainConfig) -> dict:
+    return {"stop_grad_conv1": cfg.stop_grad_conv1, "pos_embed": cfg.pos_embed, "mlp_norm": cfg.mlp_norm,
+            "conv_stem": cfg.conv_stem}
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    backbone = create_backbone(cfg.backbone, **backbone_options(cfg))
+    return build_method(cfg.method, backbone, dim=cfg.dim, mlp_dim=cfg.mlp_dim, temperature=cfg.temperature)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. "auto": bf16 on GPU, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class Trainer:
+    """Pretrain ``cfg`` on this process (one rank of a torch.distributed group, or alone).
+
+    ``loaders`` default to the run's FFCV files (:func:`ffcv_loaders`), ``model`` to the method and backbone
+    ``cfg`` names (:func:`build_model`), ``callbacks`` to :func:`trainers.callbacks.default_callbacks`. Iterate
+    :meth:`epochs` for each epoch's metrics.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu", *, loaders: Loaders | None = None,
+                 model: nn.Module | None = None, callbacks: Sequence[Callback] | None = None) -> None:
+        seed_everything(cfg.seed)
+        self.cfg, self.device = cfg, torch.device(device)
+        self.world, self.rank = dist.world_size(), dist.rank()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not divide by the {self.world} workers")
+        self.loaders = loaders or ffcv_loaders(cfg, self.device)
+
+        self.net = (model if model is not None else build_model(cfg)).to(self.device)
+        self.model: nn.Module = self.net  # what the step calls: maybe DDP, maybe compiled
+        if self.world > 1:
+            self.net = convert_sync_batchnorm(self.net, self.device)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+        self.optimizer = create_optimizer(self.net, cfg.optimizer, self.peak_lr, cfg.weight_decay,
+                                          exclude_1d=cfg.exclude_1d)
+        dtype = autocast_dtype(cfg.precision, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
+        self.steps_per_epoch = len(self.loaders.train)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        if callbacks is None:
+            from trainers.callbacks import default_callbacks
+
+            callbacks = default_callbacks(self)
+        self.callbacks = list(callbacks)
+        self.epoch = 0  # the next epoch to train
+        self.knn_init = math.nan  # kNN top-1 of the network at initialisation
+        self.metrics: dict = {}  # the last epoch's
+        self.halted = False  # a callback ended training mid-epoch: the weights are not finite
+
+    # ---------------------------------------------------------------------------------------------- the step
+
+    def train_step(self, step: int, x1: Tensor, x2: Tensor, labels: Tensor) -> StepState:
+        """One optimiser step at global step ``step`` (schedules are per iteration); returns what callbacks saw."""
+        lr = warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        moco_m = cosine_momentum(step / self.total_steps, self.cfg.moco_m)
+        if hasattr(self.net, "update_momentum"):  # here, not in the (maybe compiled) forward: see MoCoV3.forward
+            self.net.update_momentum(moco_m)
+        with self.autocast:
+            loss, features = self.model(x1, x2)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        state = StepState(step // self.steps_per_epoch, step, loss.detach(), features, labels, self.model, lr, moco_m)
+        for callback in self.callbacks:
+            callback.on_step(state)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return state
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train one epoch; its loss, schedule values and speed (stops early when a callback halts)."""
+        self.model.train()
+        loss_sum, seen, steps, tic = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
+        for i, (x1, x2, y) in enumerate(self.loaders.train):
+            state = self.train_step(epoch * self.steps_per_epoch + i, x1, x2, y)
+            loss_sum += state.loss
+            seen += x1.shape[0]
+            steps = i + 1
+            if state.halt:
+                self.halted = True
+                break
+        seconds = time.perf_counter() - tic
+        return {"loss": loss_sum.item() / steps, "lr": state.lr, "moco_m": state.moco_m,
+                "images_per_s": seen * self.world / seconds, "step_time_s": seconds / steps}
+
+    def evaluate(self) -> dict:
+        """kNN top-1 at k and at 200, and RankMe (trainers/evaluation.py), of the backbone now."""
+        return evaluate(self.net.backbone, self.loaders.bank, self.loaders.test, self.loaders.num_classes,
+                        k=self.cfg.knn_k, temperature=self.cfg.knn_t)
+
+    # -------------------------------------------------------------------------------------------- the epochs
+
+    def epochs(self) -> Iterator[dict]:
+        """Train from :attr:`epoch` to the end, yielding each epoch's metrics; ends early on a stop verdict or
+        after the epoch a callback halted."""
+        if self.epoch == 0 and math.isnan(self.knn_init):
+            self.knn_init = self.evaluate()["knn_top1"]
+        while self.epoch < self.cfg.epochs:
+            tic = time.perf_counter()
+            metrics = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+            # A diverged model has non-finite weights: its kNN is meaningless, so it is not computed.
+            metrics.update(dict.fromkeys(("knn_top1", "knn_top1_k200", "rankme"), math.nan) if self.halted
+                           else self.evaluate())
+            metrics.update({"knn_top1_init": self.knn_init, **dict.fromkeys(OPTIONAL_METRICS, math.nan),
+                            "epoch_time_s": time.perf_counter() - tic})  # the compute a replay counts
+            for callback in self.callbacks:
+                callback.on_epoch_end(self.epoch, metrics)
+            self.metrics, self.epoch = metrics, self.epoch + 1
+            yield metrics
+            if metrics.get("stopped") or self.halted:
+                return
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Everything a restarted run needs to continue exactly: weights, optimiser, RNG, callbacks."""
+        state = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "epoch": self.epoch - 1,
+                 "step": self.epoch * self.steps_per_epoch - 1, "knn_top1_init": self.knn_init,
+                 "metrics": self.metrics}
+        for callback in self.callbacks:
+            state[callback.name] = callback.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for callback in self.callbacks:
+            if state.get(callback.name) is not None:
+                callback.load_state_dict(state[callback.name])
+        set_rng_state(state["rng"])
+        self.epoch, self.knn_init, self.metrics = state["epoch"] + 1, state["knn_top1_init"], state["metrics"]
+        if hasattr(self.loaders.train, "next_epoch"):  # FFCV seeds each epoch's order with its epoch counter
+            self.loaders.train.next_epoch = self.epoch
+
+    def save(self, directory: Path) -> None:
+        """Write the checkpoint (``state.pt`` and the callbacks' files) into ``directory``."""
+        torch.save(self.state_dict(), Path(directory) / STATE_FILE)
+        for callback in self.callbacks:
+            callback.save_files(Path(directory))
+
+    def load(self, directory: Path) -> None:
+        # To the CPU first: a checkpoint mapped straight to the GPU would put the CPU RNG state there
+        # (set_rng_state then raises) and leave AdamW's step counters on the GPU (a host sync per parameter).
+        self.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
