@@ -51,9 +51,13 @@ def check_fits(spec: StudySpec, nodes: list[dict[str, float]], where: str) -> No
 
 
 def concurrency(spec: StudySpec, nodes: list[dict[str, float]]) -> int:
-    """``search.max_concurrent``, or as many trials as the cluster holds at once (at least 1)."""
+    """``search.max_concurrent``, or as many trials as the cluster holds at once (at least 1). With
+    ``resources.check: false`` (an autoscaling cluster) every trial at once: the nodes up now (maybe none with a
+    GPU yet) say nothing of what the autoscaler will bring, and pending trials are what make it scale."""
     if spec.search.max_concurrent is not None:
         return spec.search.max_concurrent
+    if not spec.resources.check:
+        return spec.search.num_samples
     need = spec.resources.per_trial()
     fits = [sum(n.get(k, 0.0) for n in nodes) / v for k, v in need.items() if v > 0]
     return max(1, min(spec.search.num_samples, math.floor(min(fits) + 1e-9)))

@@ -101,7 +101,11 @@ class StudySpec:
             raise SpecError(str(e)) from None
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train, stopping=self.stopping)
+        """The trials' TrainConfig; unless the file sets them, a worker's loader and torch threads are the CPUs
+        it is given (at least 1): one FFCV thread for a GPU that consumes thousands of images/s starves it."""
+        cpus = {"loader_workers": max(1, int(self.resources.cpus_per_worker)),
+                "threads": max(1, int(self.resources.cpus_per_worker))}
+        return TrainConfig(**{**cpus, **self.train}, stopping=self.stopping)
 
 
 def _type_name(tp: Any) -> str:
@@ -205,6 +209,10 @@ def validate(spec: StudySpec) -> StudySpec:
         raise SpecError(f"{src}: train.batch_size {cfg.batch_size} does not divide by resources.workers "
                         f"{res.workers}; use a multiple of {res.workers}")
     _check_positive(res.cpus_per_worker, f"{src}: resources.cpus_per_worker")
+    if res.gpus_per_worker < 0 or (res.workers > 1 and 0 < res.gpus_per_worker < 1):
+        raise SpecError(f"{src}: resources.gpus_per_worker: {res.gpus_per_worker:g} with {res.workers} workers could "
+                        f"put two ranks on one GPU, which NCCL refuses; accepted: 0, or 1 or more per worker (a "
+                        f"fraction only with workers: 1)")
     _check_positive(res.driver_cpus, f"{src}: resources.driver_cpus")
     s = spec.search
     _one_of(s.metric, METRICS, f"{src}: search.metric")

@@ -153,3 +153,50 @@ def test_negative_seed_is_refused_before_any_worker(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match=r"train\.seed: -1 is out of range; accepted: 0 to 2\*\*32 - 1"):
         load_spec(path)
+
+
+def test_fractional_gpus_with_several_workers_are_refused(tmp_path):
+    data = yaml.safe_load(DEFAULT_STUDY.read_text())
+    data["resources"].update(workers=2, gpus_per_worker=0.5, check=False)
+    with pytest.raises(SpecError, match=r"resources\.gpus_per_worker: 0\.5 with 2 workers could put two ranks on one"):
+        load_spec(write(tmp_path, yaml.safe_dump(data)))
+    data["resources"].update(workers=1)  # one rank on half a GPU is fine
+    assert load_spec(write(tmp_path, yaml.safe_dump(data))).resources.gpus_per_worker == 0.5
+
+
+def test_an_autoscaling_cluster_runs_every_trial_at_once_and_workers_get_their_cpus(tmp_path):
+    from study.cluster import concurrency
+
+    data = yaml.safe_load(DEFAULT_STUDY.read_text())
+    data["resources"].update(workers=2, cpus_per_worker=4, gpus_per_worker=1, check=False)
+    data["search"].update(num_samples=16)
+    spec = load_spec(write(tmp_path, yaml.safe_dump(data)))
+    no_gpu_yet = [{"CPU": 2.0, "GPU": 0.0}]  # the head of an autoscaling cluster, before any GPU node is up
+    assert concurrency(spec, no_gpu_yet) == 16  # not 1: pending trials are what make the autoscaler scale
+    spec.resources.check = True
+    assert concurrency(spec, [{"CPU": 17.0, "GPU": 4.0}]) == 2  # a trial: 2 x 4 CPUs + 0.1 driver, 2 GPUs
+    cfg = spec.train_config()
+    assert (cfg.loader_workers, cfg.threads) == (4, 4)  # a worker's threads are its CPUs unless the file says
+
+
+def test_lamb_clipping_is_an_option():
+    import torch
+    from torch import nn
+
+    from trainers.optim import create_optimizer
+
+    for clip, expected in ((1.0, 1.0), (None, None)):
+        opt = create_optimizer(nn.Linear(3, 2), "lamb", lr=1e-3, weight_decay=0.0, lamb_max_grad_norm=clip)
+        assert opt.defaults["max_grad_norm"] == expected
+    w = nn.Linear(3, 2)
+    grads = [torch.full_like(p, 100.0) for p in w.parameters()]
+    steps = {}
+    for clip in (1.0, None):
+        m = nn.Linear(3, 2)
+        m.load_state_dict(w.state_dict())
+        opt = create_optimizer(m, "lamb", lr=1e-2, weight_decay=0.0, lamb_max_grad_norm=clip)
+        for p, g in zip(m.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        steps[clip] = m.weight.detach().clone()
+    assert not torch.equal(steps[1.0], steps[None])  # clipping changes the step, so the option is live

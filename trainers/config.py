@@ -38,6 +38,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 128  # global, split evenly across workers
     optimizer: str = "adamw"  # adamw | lars | lamb
+    lamb_max_grad_norm: float | None = 1.0  # timm's LAMB clips the global gradient norm at this; None: never
     base_lr: float = 1.5e-4
     weight_decay: float = 0.1
     exclude_1d: bool | None = None  # no decay for biases and norms; None: the optimiser's recipe

@@ -4,7 +4,8 @@
   every trainable tensor as in the official code (``exclude_1d=True`` leaves biases and norms undecayed).
 - LARS (ResNet): momentum 0.9, trust coefficient 0.001; weight decay and the trust ratio only for tensors
   with ndim > 1, with the official ``moco.optimizer.LARS`` trust ratio (:class:`LARS`; timm's differs).
-- LAMB (paper ablation): timm's Lamb.
+- LAMB (paper ablation): timm's Lamb, which clips the global gradient norm at ``lamb_max_grad_norm`` (timm's
+  default 1.0; None: no clipping).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
-                     exclude_1d: bool | None = None) -> torch.optim.Optimizer:
+                     exclude_1d: bool | None = None, lamb_max_grad_norm: float | None = 1.0) -> torch.optim.Optimizer:
     """The named optimiser over ``model``'s trainable parameters; ``exclude_1d`` None: the recipe's choice."""
     if name == "lars":
         return LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
@@ -56,5 +57,5 @@ def create_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "lamb":
-        return Lamb(groups, lr=lr)
+        return Lamb(groups, lr=lr, max_grad_norm=lamb_max_grad_norm)
     raise ValueError(f"optimizer {name!r} is not one of: {', '.join(OPTIMIZERS)}")

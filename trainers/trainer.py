@@ -184,7 +184,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
         self.optimizer = create_optimizer(self.net, cfg.optimizer, self.peak_lr, cfg.weight_decay,
-                                          exclude_1d=cfg.exclude_1d)
+                                          exclude_1d=cfg.exclude_1d, lamb_max_grad_norm=cfg.lamb_max_grad_norm)
         dtype = autocast_dtype(cfg.precision, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
