@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--signals", action="store_true", help="also each method with the instability signals hook")
+    p.add_argument("--backbones", nargs="+", default=None,
+                   help="with --gpu-config: the backbones to time (default vit_small_patch16_224)")
     p.add_argument("--official", type=Path, metavar="DIR", help="a facebookresearch/moco-v3 checkout to compare with")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --official")
     args = p.parse_args()
@@ -182,22 +184,24 @@ def main() -> None:
         return compare_official(args.official, args.rounds, args.steps)
     if args.gpu_config:
         device, precision = torch.device("cuda"), "bf16"
-        backbone, img, batch, steps, mlp_dim, compiles = "vit_small_patch16_224", 224, args.batch or 128, \
-            args.steps or 20, 4096, (False, True)
+        backbones, img, batch, steps, mlp_dim, compiles = args.backbones or ["vit_small_patch16_224"], 224, \
+            args.batch or 128, args.steps or 20, 4096, (False, True)
     else:
         device, precision = torch.device("cpu"), "fp32"
-        backbone, img, batch, steps, mlp_dim, compiles = "vit_nano_patch4_32", 32, args.batch or 64, \
+        backbones, img, batch, steps, mlp_dim, compiles = ["vit_nano_patch4_32"], 32, args.batch or 64, \
             args.steps or 10, 1024, (False,)
-    print(f"{backbone} {img}px batch {batch} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
-          f" ({torch.get_num_threads()} threads), {steps} timed steps, {precision}")
-    rows = [measure(m, backbone, img, batch, steps, device, precision, c, mlp_dim, signals=sig)
-            for c in compiles for m in args.methods for sig in ((False, True) if args.signals else (False,))]
-    base = {r["compile"]: r["images_per_s"] for r in rows if r["method"] == "moco_v3"}
-    print(f"{'method':>16} {'compile':>7} {'step s':>8} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs moco_v3':>10}")
-    for r in rows:
-        ratio = r["images_per_s"] / base[r["compile"]] if r["compile"] in base else float("nan")
-        print(f"{r['method']:>16} {r['compile']!s:>7} {r['step_s']:8.3f} {r['images_per_s']:9.1f} "
-              f"{r['tflops']:8.2f} {r['mfu']:6.1%} {ratio:10.2f}")
+    for backbone in backbones:
+        print(f"{backbone} {img}px batch {batch} on "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} ({torch.get_num_threads()} "
+              f"threads), {steps} timed steps, {precision}")
+        rows = [measure(m, backbone, img, batch, steps, device, precision, c, mlp_dim, signals=sig)
+                for c in compiles for m in args.methods for sig in ((False, True) if args.signals else (False,))]
+        base = {r["compile"]: r["images_per_s"] for r in rows if r["method"] == "moco_v3"}
+        print(f"{'method':>16} {'compile':>7} {'step s':>8} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs moco_v3':>10}")
+        for r in rows:
+            ratio = r["images_per_s"] / base[r["compile"]] if r["compile"] in base else float("nan")
+            print(f"{r['method']:>16} {r['compile']!s:>7} {r['step_s']:8.3f} {r['images_per_s']:9.1f} "
+                  f"{r['tflops']:8.2f} {r['mfu']:6.1%} {ratio:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg, resizer
 from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_metadata_type
 from PIL import Image
 
+from data.errors import DatasetError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 EVAL_SPLIT_NAMES = ("val", "test")
 _MAX_PAGE = 64 << 20  # FFCV page (holds one sample) when max_resolution is not given
@@ -32,15 +34,6 @@ _CHUNK = 64  # images per work item of FFCV's writer processes
 HEADER_SAMPLE = 64  # image headers read (not decoded) to estimate the output size: well under a second
 JPEG_SAMPLE = 8  # of those, images decoded and JPEG-encoded to measure JPEG bytes / raw bytes
 _SAMPLE_METADATA = get_metadata_type([RGBImageField(), IntField()])  # FFCV's per-sample record (24 B)
-
-
-class DatasetError(ValueError):
-    """Bad dataset input (missing source, empty folder, corrupt image, unwritable output...): the message
-    names the path and what is accepted, on one line (newlines in file names are shown as \\n), as the
-    command line prints it."""
-
-    def __str__(self) -> str:
-        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass

@@ -28,10 +28,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from data.errors import DatasetError
+from study import DEFAULT_STUDY
 from study.best import best_trial
-from study.spec import DEFAULT_STUDY, SpecError, StudySpec, load_spec
+from study.errors import QueryError, SpecError
+
+if TYPE_CHECKING:
+    from study.spec import StudySpec
 
 
 class UsageError(ValueError):
@@ -113,6 +118,8 @@ def print_summary(spec: StudySpec, trials) -> None:
 
 
 def launch(args: argparse.Namespace) -> int:
+    from study.spec import load_spec
+
     spec = load_spec(args.spec)  # validated whole before Ray starts
     from study import cluster, runner  # heavy imports (Ray, torch) only once the spec is known good
 
@@ -313,7 +320,8 @@ def _cell(record, cell) -> str:
     return ", ".join(f"{a}={v}" for a, v in zip(record.axes, cell, strict=True))
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the subcommand to be run) gets its full arguments, the others their names only."""
     p = _Parser(prog="ssl-study", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -354,17 +362,20 @@ def parser() -> argparse.ArgumentParser:
     qp.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     qp.add_argument("--output", help="file for --format parquet")
     qp.set_defaults(func=results_cmd)
+    # Subcommands whose arguments live in their own (heavy) module get them only when they are the one run, so
+    # that `ssl-study --help` and every other command start without importing FFCV, torch or matplotlib.
     rp = named("report", "write PNG figures and an HTML page of a study's results")
-    from study import report
+    if command == "report":
+        from study import report
 
-    report.add_report_arguments(rp)
-    rp.set_defaults(func=lambda args: report.report_from_args(args, _open(args)))
-    from data.datasets import add_convert_arguments, convert_from_args
-    from study import submit  # light: Ray's job client is imported when a job is sent
-
+        report.add_report_arguments(rp)
+        rp.set_defaults(func=lambda args: report.report_from_args(args, _open(args)))
     cp = sub.add_parser("convert", help="convert an image folder, fashion_mnist or mnist to FFCV files")
-    add_convert_arguments(cp)
-    cp.set_defaults(func=convert_from_args)
+    if command == "convert":
+        from data.datasets import add_convert_arguments, convert_from_args
+
+        add_convert_arguments(cp)
+        cp.set_defaults(func=convert_from_args)
 
     rp = sub.add_parser("replay", help="replay a recorded observe-mode study under other search settings")
     rp.add_argument("name", nargs="?", default="mocov3-fmnist-grid",
@@ -390,17 +401,19 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=replay_cmd)
 
     sp = sub.add_parser("submit", help="send a study to a Ray cluster as a Ray Job (token auth handled)")
-    submit.add_submit_arguments(sp)
-    sp.set_defaults(func=submit.submit_from_args)
+    if command == "submit":
+        from study import submit
+
+        submit.add_submit_arguments(sp)
+        sp.set_defaults(func=submit.submit_from_args)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.datasets import DatasetError
-    from study.query import QueryError
-
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = parser().parse_args(argv)
+        args = parser(command).parse_args(argv)
         return args.func(args)
     except (UsageError, SpecError, QueryError, DatasetError) as e:
         print(f"ssl-study: error: {e}", file=sys.stderr)

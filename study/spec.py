@@ -18,18 +18,15 @@ import yaml
 
 from search_spaces import Param, SpaceError, flatten, parse_space
 from search_spaces.presets import PRESETS, apply_preset
+from study import DEFAULT_STUDY
+from study.errors import SpecError
 from trainers.config import TrainConfig
 from trainers.policy import StopPolicy
 
-DEFAULT_STUDY = Path(__file__).with_name("default.yaml")
 METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
 RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
-
-
-class SpecError(ValueError):
-    """A study file is missing, malformed or asks for something that does not exist."""
 
 
 @dataclass

@@ -122,3 +122,42 @@ def test_compiled_step_compiles_once_though_the_momentum_changes_every_step():
     momenta = [trainer.train_step(step, x1, x2, y).moco_m for step in range(5)]
     assert len(set(momenta)) == 5  # the cosine schedule moved every step
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _evaluate_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainers.evaluation import evaluate
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        backbone, bank, test = _evaluation_data()
+        shard = lambda batches: [(x[rank::2], y[rank::2]) for x, y in batches]  # noqa: E731  (rank r's rows)
+        torch.save(evaluate(backbone, shard(bank), shard(test), 5, k=7), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluation_data():
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(12, 6)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(40, 12, generator=g), torch.randint(0, 5, (40,), generator=g)) for _ in range(3)]
+    return backbone, batches[:2], batches[2:]
+
+
+def test_two_workers_each_classify_their_shard_and_agree_with_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    from trainers.evaluation import evaluate
+
+    mp.spawn(_evaluate_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    backbone, bank, test = _evaluation_data()
+    one = evaluate(backbone, bank, test, 5, k=7)
+    for rank in range(2):
+        two = torch.load(tmp_path / f"{rank}.pt")
+        assert two["knn_top1"] == pytest.approx(one["knn_top1"]) and two["knn_top1_k200"] == pytest.approx(
+            one["knn_top1_k200"])
+        assert two["rankme"] == pytest.approx(one["rankme"], rel=1e-4)  # the same bank, gathered in rank order
+    assert 0 < one["knn_top1"] < 1

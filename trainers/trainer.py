@@ -243,7 +243,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """kNN top-1 at k and at 200, and RankMe (trainers/evaluation.py), of the backbone now."""
         return evaluate(self.net.backbone, self.loaders.bank, self.loaders.test, self.loaders.num_classes,
-                        k=self.cfg.knn_k, temperature=self.cfg.knn_t)
+                        k=self.cfg.knn_k, temperature=self.cfg.knn_t, autocast=self.autocast)
 
     # -------------------------------------------------------------------------------------------- the epochs
 
