@@ -25,6 +25,7 @@ from ray.tune import Callback
 
 from data.atomic import atomic_path
 from search_spaces import Param
+from study.best import number
 from study.spec import StudySpec
 from study.status import failure, trial_status
 from trainers.signals import SUMMARY_KEYS
@@ -74,10 +75,6 @@ def write_atomic(table: pa.Table, path: Path) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
-
-
-def _number(value) -> float:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
 
 
 def _finite_max(values) -> float:
@@ -131,12 +128,12 @@ class ResultsWriter(Callback):
         # A trial restarted from a checkpoint reports its later epochs again: they replace the old rows.
         for name in ("epochs", "events"):
             rows[name] = {k: r for k, r in rows[name].items() if not (k[0] == tid and r["epoch"] >= epoch)}
-        row = {"study": self.study, "trial_id": tid, **{m: _number(result.get(m)) for m in EPOCH_METRICS},
+        row = {"study": self.study, "trial_id": tid, **{m: number(result.get(m)) for m in EPOCH_METRICS},
                "epoch": epoch, "verdict": result.get("verdict") or None,
                "verdict_reason": result.get("verdict_reason") or None, "stopped": int(result.get("stopped", 0))}
         rows["epochs"][(tid, epoch)] = row
         for event in result.get("events") or []:
-            event = {"study": self.study, "trial_id": tid, **event, "magnitude": _number(event.get("magnitude"))}
+            event = {"study": self.study, "trial_id": tid, **event, "magnitude": number(event.get("magnitude"))}
             rows["events"][self._key("events", event)] = event
         self._update_trial(trial, "running", result)
         self.flush()
@@ -179,7 +176,7 @@ class ResultsWriter(Callback):
             "knn_dips": sum(r["knn_dip_count"] for r in history if math.isfinite(r["knn_dip_count"])),
             "max_spike_ratio": _finite_max(r["max_spike_ratio"] for r in history),
             "events": sum(1 for k in rows["events"] if k[0] == tid),
-            "time_total_s": _number(result.get("time_total_s")),
+            "time_total_s": number(result.get("time_total_s")),
             "workers": res.workers, "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
             # TuneReportCallback adds the path to the results that came with a checkpoint: keep the latest.
             "checkpoint": result.get("checkpoint_path") or rows["trials"].get((tid,), {}).get("checkpoint"),

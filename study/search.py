@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import suppress
 
 import optuna
@@ -10,6 +9,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from study.best import finite
 from study.spec import StudySpec
 from study.status import trial_status
 from trainers.policy import VERDICTS
@@ -37,10 +37,6 @@ def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     group = any(p.when for p in spec.params)
     return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group,
                                       n_startup_trials=s.startup_trials)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 MAX_REASKS = 50  # asks per Tune trial before a duplicate configuration is run after all (an exhausted space)
@@ -110,7 +106,7 @@ class StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if result.get("verdict"):
             self._flagged.add(trial_id)
-        if _finite(result.get(self.metric)):
+        if finite(result.get(self.metric)):
             with suppress(UpdateFinishedTrialError):  # a resumed study may restart a trial Optuna saw end
                 super().on_trial_result(trial_id, result)
 
@@ -123,14 +119,14 @@ class StudySearch(OptunaSearch):
             violated = status in VERDICTS or trial_id in self._flagged or bool((result or {}).get("verdict"))
             with suppress(UpdateFinishedTrialError):
                 self._ot_trials[trial_id].set_constraint("instability", float(violated))
-        if status == "completed" and _finite(value):
+        if status == "completed" and finite(value):
             self._ot_study.tell(self._ot_trials[trial_id], float(value), state=TrialState.COMPLETE,
                                 skip_if_finished=True)
         else:
             state = TrialState.FAIL if status == "failed" else TrialState.PRUNED
             step = result.get("training_iteration") if result else None
             ot_trial = self._ot_trials[trial_id]
-            if (state == TrialState.PRUNED and _finite(value) and step
+            if (state == TrialState.PRUNED and finite(value) and step
                     and step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values):
                 # Tune skips on_trial_result for the result that made the scheduler stop the trial: report it,
                 # so that Optuna scores the pruned trial by its last value.
