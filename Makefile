@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system study test lint bench clean
+.PHONY: setup system study test test-cluster lint bench clean
 
 setup: system $(STAMP)
 
@@ -22,9 +22,14 @@ $(STAMP): requirements/lock.txt pyproject.toml
 study: setup
 	$(VENV)/bin/ssl-study launch
 
+# `make test`: everything but the real-cluster tests (about 15 min on 2 cores); `make test-cluster`: those
+# (processes killed, two Ray nodes, a job on a Ray head: about 10 min). CI runs both.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not cluster"
+
+test-cluster: setup
+	$(PY) -m pytest -q -m cluster
 
 lint: setup
 	$(VENV)/bin/ruff check .

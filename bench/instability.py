@@ -36,8 +36,8 @@ import ray
 from study import cluster, runner
 from study.replay import first_verdict
 from study.spec import Resources, Scheduler, Search, StudySpec, validate
-from trainers.backbones import VIT_CONFIGS
 from trainers.policy import StopPolicy
+from trainers.registry import VIT_CONFIGS
 
 
 def sweep_spec(args: argparse.Namespace) -> StudySpec:

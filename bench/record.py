@@ -56,7 +56,7 @@ def export(specs: list, folder: Path) -> None:
         if not (out / "trials.parquet").exists():
             continue
         for name in results.TABLES:
-            tables[name].append(pq.read_table(out / f"{name}.parquet").replace_schema_metadata(None))
+            tables[name].append(results.read_table(spec.study_dir, name).replace_schema_metadata(None))
         for trial in pq.read_table(out / "trials.parquet").to_pylist():
             trace = Path(trial["checkpoint"] or "") / "trace.parquet"
             if trial["status"] in ENDED and trace.is_file():

@@ -9,8 +9,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import DatasetWriter
 
 from data.atomic import atomic_path, write_text
 from data.builtin import BUILTIN, SPLITS
@@ -120,6 +118,9 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, *, source: s
     per-channel mean/std on the 0-255 scale, source, checksum, write_mode, format_version) is written after it,
     also atomically. A JSON next to a .beton therefore always describes that complete file.
     """
+    from ffcv.fields import IntField, RGBImageField  # FFCV only once a file is written: it costs 4 s to import
+    from ffcv.writer import DatasetWriter
+
     path = Path(path)
     _check_inputs(images, labels, classes, write_mode, jpeg_quality)
     resolution = images.shape[1]

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from ffcv import writer as ffcv_writer
 
 from data import image_folder
 from data.builtin import BUILTIN, SPLITS
@@ -74,6 +73,8 @@ def _progress(enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
+    from ffcv import writer as ffcv_writer  # FFCV only once a file is written: it costs 4 s to import
+
     original = ffcv_writer.tqdm
     ffcv_writer.tqdm = functools.partial(original, disable=True)
     try:

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import IMAGE_MODES, encode_jpeg, resizer
-from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_metadata_type
 from PIL import Image
 
 from data.errors import DatasetError
@@ -33,7 +30,6 @@ _MAX_PAGE = 64 << 20  # FFCV page (holds one sample) when max_resolution is not 
 _CHUNK = 64  # images per work item of FFCV's writer processes
 HEADER_SAMPLE = 64  # image headers read (not decoded) to estimate the output size: well under a second
 JPEG_SAMPLE = 8  # of those, images decoded and JPEG-encoded to measure JPEG bytes / raw bytes
-_SAMPLE_METADATA = get_metadata_type([RGBImageField(), IntField()])  # FFCV's per-sample record (24 B)
 
 
 @dataclass
@@ -158,6 +154,8 @@ def load_image(path: Path, max_resolution: int | None) -> np.ndarray:
     """uint8 [H, W, 3] RGB pixels of ``path``, longest side cut to ``max_resolution`` with FFCV's own resizer
     (cv2 INTER_AREA), so the statistics below describe exactly what is stored. Fully decoded, so truncated
     files raise here (OSError), not later."""
+    from ffcv.fields.rgb_image import resizer  # FFCV only where a file is read or written: importing it costs 4 s
+
     with Image.open(path) as im:
         im.load()
         rgb = np.asarray(im.convert("RGB"))
@@ -235,6 +233,15 @@ def estimate_size(items: list[tuple[Path, int]], *, max_resolution: int | None, 
     """Estimate the FFCV file of ``items`` cheaply: HEADER_SAMPLE evenly spaced images give their size from
     the header alone (PIL reads no pixels until asked), capped as FFCV caps; raw images take h*w*3 bytes;
     JPEG ones the fraction measured by decoding, capping and encoding (FFCV's encoder) JPEG_SAMPLE of them."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import encode_jpeg
+    from ffcv.types import (  # FFCV only here: 4 s to import
+        ALLOC_TABLE_TYPE,
+        FieldDescType,
+        HeaderType,
+        get_metadata_type,
+    )
+
     sample = [items[round(i)][0] for i in np.linspace(0, len(items) - 1, min(len(items), HEADER_SAMPLE))]
     max_bytes, page = _page_size(max_resolution)
     sides, unreadable = {}, []  # path -> capped (width, height)
@@ -270,7 +277,8 @@ def estimate_size(items: list[tuple[Path, int]], *, max_resolution: int | None, 
     # FFCV aligns the data region to a page, and each writer process fills pages of its own, ending on a
     # part-filled one; the allocation table follows the pages.
     active = min(max(1, workers), math.ceil(len(items) / _CHUNK))
-    index = HeaderType.itemsize + 2 * FieldDescType.itemsize + _SAMPLE_METADATA.itemsize * len(items)
+    sample_record = get_metadata_type([RGBImageField(), IntField()]).itemsize  # FFCV's per-sample record (24 B)
+    index = HeaderType.itemsize + 2 * FieldDescType.itemsize + sample_record * len(items)
     file_bytes = (math.ceil(index / page) + math.ceil(payload / page) + active - 1) * page \
         + ALLOC_TABLE_TYPE.itemsize * len(items)
     jpeg_share = len([p for p in as_jpeg if p in sides]) / max(1, len(sides))
@@ -281,6 +289,8 @@ def write_split(items: list[tuple[Path, int]], tmp: Path, *, max_resolution: int
                 jpeg_quality: int, smart_threshold: int, workers: int) -> tuple[np.ndarray, dict]:
     """Write ``items`` to the FFCV file ``tmp``; returns (indices of failed images, stats of the good ones,
     "jpeg_images" among them: how many FFCV stored as JPEG)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES  # FFCV only where a file is read or written: importing it costs 4 s
     from ffcv.writer import DatasetWriter
 
     max_bytes, page = _page_size(max_resolution)

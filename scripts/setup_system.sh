@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Idempotent system step: the Debian packages FFCV needs to build, and the default dataset.
+# Idempotent system step: the Debian packages FFCV needs to build, the default dataset, and PostgreSQL (its
+# server binaries only: tests/servers.py starts a throwaway cluster for the tests of the Optuna storage).
 # Installs what is missing with apt-get when run as root; otherwise says exactly what to install.
 set -euo pipefail
-packages=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist)
+packages=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -11,7 +12,8 @@ done
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "ssl-study setup: missing system packages: ${missing[*]}" >&2
   echo "Install them, then run make again:  sudo apt-get install -y ${missing[*]}" >&2
-  echo "(FFCV builds against pkg-config, libturbojpeg and OpenCV; dataset-fashion-mnist is the default dataset.)" >&2
+  echo "(FFCV builds against pkg-config, libturbojpeg and OpenCV; dataset-fashion-mnist is the default dataset;" >&2
+  echo " postgresql: the tests of a study in a PostgreSQL database start a server of their own.)" >&2
   exit 1
 fi
 echo "ssl-study setup: installing ${missing[*]}"

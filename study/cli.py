@@ -79,8 +79,11 @@ def describe(spec: StudySpec, address: str | None) -> str:
                 lines += space(branch, indent + "    ")
         return lines
 
+    from trainers.config import recipe_defaults
+
     r, s, cfg = spec.resources, spec.search, spec.train_config()
     need = r.per_trial()
+    recipe = {k: v for k, v in recipe_defaults(cfg.backbone, cfg.method).items() if k not in spec.train}
     if s.max_concurrent is not None:
         concurrency = f"{s.max_concurrent} at a time"
     elif address:
@@ -92,6 +95,9 @@ def describe(spec: StudySpec, address: str | None) -> str:
         f"study {spec.name} from {spec.source}" + (f" (preset {spec.preset})" if spec.preset else ""),
         f"  train: {cfg.method} on {cfg.backbone}, {spec.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size} "
         f"({cfg.batch_size // r.workers} per worker), {cfg.optimizer}{tune_note}",
+        *([f"  recipe: {cfg.backbone}'s, for what the file leaves out: "
+           + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in recipe.items())]
+          if recipe else []),
         "  space:", *space(spec.params),
         f"  search: {s.sampler} (seed {s.seed}) for {s.metric} ({s.mode}), {s.num_samples} trials, {concurrency}",
         f"  scheduler: {spec.scheduler.type}" + (f" (grace {spec.scheduler.grace_period} epochs, reduction "
@@ -126,6 +132,10 @@ def launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         if not args.address:  # a real launch checks in cluster.connect, before Ray starts
             cluster.check_fits(spec, cluster.local_nodes(), "this machine")
+        from study.optuna_storage import check_storage, settle_default
+
+        settle_default(spec)  # as runner.run_study does, before Ray starts: the storage it would use, reachable
+        check_storage(spec)
         print(describe(spec, args.address))
         return 0
     print_summary(spec, runner.run_study(spec, address=args.address, verbose=args.verbose))
@@ -193,6 +203,7 @@ def status(args: argparse.Namespace) -> int:
 
 def best(args: argparse.Namespace) -> int:
     from study import runner
+    from trainers.config import TrainConfig
 
     spec = runner.open_study(args.name, args.storage)
     table = _trials(spec)
@@ -204,7 +215,8 @@ def best(args: argparse.Namespace) -> int:
     export = Path(row["checkpoint"]) / "backbone.safetensors" if row["checkpoint"] else None
     print(json.dumps({
         "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
-        "config": {**spec.train_config().as_dict(), **{k: v for k, v in params.items() if v is not None}},
+        "config": spec.train_config({k: v for k, v in params.items()
+                                     if v is not None and k in TrainConfig.field_names()}).as_dict(),
         "metrics": {k: row[k] for k in ("epochs_done", "knn_top1", "knn_top1_best", "knn_top1_init", "loss")},
         "checkpoint": row["checkpoint"],
         "backbone": str(export) if export and export.exists() else None,

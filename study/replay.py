@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
 from study.spec import SpecError, StudySpec, _build
@@ -110,7 +109,7 @@ def _sources(name: str, storage: str) -> tuple[str, list[dict], Path]:
 def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: bool = True) -> Record:
     """Read a record; a study not run to its full budget in observe mode is refused with one line, and so is
     a grid with missing cells (a search over it would suggest them) unless ``whole_grid`` is False."""
-    from trainers.backbones import VIT_CONFIGS
+    from trainers.registry import VIT_CONFIGS
 
     label, studies, tables = _sources(name, storage)
     for s in studies:
@@ -129,9 +128,14 @@ def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: b
                 if not isinstance(dist, dict) or "choice" not in dist:
                     raise SpecError(f"{name}: search.space.{key}: a record needs choice lists (a grid); got {dist!r}")
                 axes[key] = sorted(set(axes.get(key, [])) | set(dist["choice"]))
-    trials = pq.read_table(tables / "trials.parquet").to_pylist()
-    epochs = pq.read_table(tables / "epochs.parquet").to_pylist()
-    events = pq.read_table(tables / "events.parquet").to_pylist() if (tables / "events.parquet").exists() else []
+    from study import results  # the tables of a study killed mid-way too (epochs and events parts)
+
+    trials = results.read_folder(tables, "trials").to_pylist()
+    epochs = results.read_folder(tables, "epochs").to_pylist()
+    try:
+        events = results.read_folder(tables, "events").to_pylist()
+    except FileNotFoundError:
+        events = []
     by_trial: dict[tuple, list[dict]] = {}
     for row in epochs:
         by_trial.setdefault((row["study"], row["trial_id"]), []).append(row)

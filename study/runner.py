@@ -3,8 +3,8 @@
 Layout under ``storage/name``: ``study.yaml`` (the resolved study, what ``resume`` / ``extend`` / ``status``
 read), ``tune/`` (Tune's experiment; ``tune-2/``, ... for each ``extend``), ``train/<trial_id>/`` (each trial's
 Train run and checkpoints, named by trial id so a restarted trial finds its own checkpoint), ``optuna.db`` (the
-Optuna study, readable by optuna-dashboard, unless ``search.storage`` names another database) and
-``results/*.parquet`` (study/results.py).
+Optuna study, readable by optuna-dashboard; ``optuna.journal`` for a study on NFS, or the database that
+``search.storage`` names: study/optuna_storage.py) and ``results/*.parquet`` (study/results.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ import optuna
 import pyarrow as pa
 import yaml
 from ray import tune
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.exceptions import RayActorError, RayTaskError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import (
+    WorkerGroupStartupFailedError,
+    WorkerGroupStartupTimeoutError,
+    WorkerHealthCheckFailedError,
+)
+from ray.train.v2.api.exceptions import ControllerError, PreemptionError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -27,9 +34,10 @@ from data.datasets import prepare
 from search_spaces import define_by_run
 from study import results
 from study.cluster import connect, ray_logs_dir
+from study.optuna_storage import check_storage, open_storage, settle_default
 from study.progress import ProgressLine
 from study.search import StudySearch, close_orphans, sampler
-from study.spec import Resources, SpecError, StudySpec, load_spec, snapshot
+from study.spec import SpecError, StudySpec, load_spec, snapshot
 from trainers.config import TrainConfig
 from trainers.worker import train_loop_per_worker
 
@@ -42,53 +50,106 @@ def prepare_data(spec: StudySpec) -> dict[str, str]:
     return {"train_path": str(paths["train"]), "test_path": str(paths["test"])}
 
 
-def run_trial(config: dict, *, base: dict, resources: Resources, train_dir: str, logs_dir: str) -> None:
-    """Tune function trainable: drive one trial's TorchTrainer and relay its reports to Tune. A trial that
-    raises leaves its traceback (with Ray Train's excerpt of each failed worker's) and where the workers' whole
-    output is in ``logs_dir/<trial_id>.log``, the file the console's one-line error names."""
+def lost_process(error: BaseException) -> bool:
+    """Whether a failed run lost a process (a killed or OOM-killed worker, a lost node) rather than raised: only
+    that is worth a restart, since an exception of the training code would raise again. When one rank dies the
+    others fail with collateral errors (a broken collective), so any dead worker counts, as in Ray's own
+    preemption rule."""
+    if isinstance(error, PreemptionError):
+        return True
+    if isinstance(error, ControllerError):
+        return isinstance(error.controller_failure, (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError))
+    return isinstance(error, WorkerGroupError) and any(map(_died, error.worker_failures.values()))
+
+
+def _died(error: BaseException) -> bool:
+    """A worker's failure that is its process's death, however Ray Train wraps it (a failed health check)."""
+    if isinstance(error, WorkerHealthCheckFailedError):
+        error = error.health_check_failure
+    if isinstance(error, RayTaskError):
+        error = error.as_instanceof_cause()
+    return isinstance(error, RayActorError)
+
+
+def failed_marker(logs_dir: str, trial_id: str) -> Path:
+    """Where a trial that raised says so: a retry of its driver then fails at once instead of training into the
+    same exception again (``resume`` removes the markers: it retries failed trials on purpose)."""
+    return Path(logs_dir) / f".{trial_id}.failed"
+
+
+def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], train_dir: str, logs_dir: str) -> None:
+    """Tune function trainable: drive one trial's TorchTrainer and relay its reports to Tune.
+
+    A lost worker restarts the worker group from the trial's latest checkpoint, up to ``resources.retries``
+    times; a lost trial driver (this function's process) is retried as often by Tune, and its new TorchTrainer
+    restores the same checkpoint (the run's name is the trial id). A trial that raises leaves its traceback
+    (with Ray Train's excerpt of each failed worker's) and where the workers' whole output is in
+    ``logs_dir/<trial_id>.log``, the file the console's one-line error names."""
     trial_id = tune.get_context().get_trial_id()
+    marker = failed_marker(logs_dir, trial_id)
+    if marker.exists():
+        raise RuntimeError(f"trial {trial_id} raised before, not retried: {marker.read_text()}")
     options = {k: v for k, v in config.items() if k in TrainConfig.field_names()}  # not Optuna's "1-moco_m"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**base, **options},
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
-        ),
-        # The name is the trial id: a restarted trial reuses it and so restores its own latest checkpoint.
-        run_config=RunConfig(name=trial_id, storage_path=train_dir, callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    try:
-        trainer.fit()
-    except Exception:
-        # Tune's error file holds this too, but in the middle of the experiment's files; the workers' own
-        # tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
-        log = Path(logs_dir) / f"{trial_id}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole output: "
-                       f"{Path(logs_dir) / 'ray.log'} (lines marked with its pid; the terminal with --verbose) and "
-                       f"Ray's session logs ({ray_logs_dir()}, worker-*)\n")
-        raise
+    resources = spec.resources
+
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**spec.train_config(options).as_dict(), **data_paths},
+            scaling_config=ScalingConfig(
+                num_workers=resources.workers,
+                use_gpu=resources.gpus_per_worker > 0,
+                resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+                # One trial's workers on as few nodes as fit (Ray's default, said here on purpose): NCCL within
+                # a node runs over NVLink, between nodes over the network.
+                placement_strategy="PACK",
+            ),
+            # The name is the trial id: a restarted run reuses it and so restores its own latest checkpoint.
+            # Ray Train's own restarts would also retry an exception of ours (max_failures counts both).
+            run_config=RunConfig(name=trial_id, storage_path=train_dir, callbacks=[TuneReportCallback()],
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        )
+
+    log = Path(logs_dir) / f"{trial_id}.log"
+    for attempt in range(resources.retries + 1):
+        try:
+            trainer().fit()
+            return
+        except Exception as e:
+            if lost_process(e) and attempt < resources.retries:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as f:
+                    f.write(f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
+                            f"{attempt + 1} of {resources.retries} from the latest checkpoint\n")
+                continue
+            # Tune's error file holds this too, but in the middle of the experiment's files; the workers' own
+            # tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole output: "
+                        f"{Path(logs_dir) / 'ray.log'} (lines marked with its pid; the terminal with --verbose) "
+                        f"and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
+            if not lost_process(e):
+                marker.write_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
 
 
 # -------------------------------------------------------------------------------------------------- Tune
 
 
 def trainable(spec: StudySpec, data_paths: dict[str, str]):
-    base = {**spec.train_config().as_dict(), **data_paths}
-    run = partial(run_trial, resources=spec.resources, train_dir=str(spec.study_dir / "train"),
-                  logs_dir=str(spec.study_dir / "logs"))
-    return tune.with_resources(tune.with_parameters(run, base=base), {"CPU": spec.resources.driver_cpus})
+    run = partial(run_trial, train_dir=str(spec.study_dir / "train"), logs_dir=str(spec.study_dir / "logs"))
+    return tune.with_resources(tune.with_parameters(run, spec=spec, data_paths=data_paths),
+                               {"CPU": spec.resources.driver_cpus})
 
 
 def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = None) -> StudySearch:
-    """The study's Optuna searcher (its sampler, metric and space), on ``storage`` (default: the study's RDB)."""
+    """The study's Optuna searcher (its sampler, metric and space), on ``storage`` (default: the study's own)."""
     # A define-by-run space creates the Optuna study at once, so metric and mode go here as well.
     return StudySearch(space=define_by_run(spec.params), metric=spec.search.metric, mode=spec.search.mode,
                        sampler=sampler(spec), study_name=spec.name,
-                       storage=storage or optuna.storages.RDBStorage(spec.optuna_url),
+                       storage=storage or open_storage(spec),
                        epochs=spec.train_config().epochs, constraints=spec.search.constraints,
                        rerun_duplicates=spec.search.rerun_duplicates)
 
@@ -115,6 +176,7 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
                                     max_concurrent_trials=max_concurrent,
                                     reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources.retries),
                                   callbacks=callbacks if callbacks is not None else
                                   [results.ResultsWriter(spec), ProgressLine(spec, max_concurrent)]),
     )
@@ -148,6 +210,8 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
         raise SpecError(f"{spec.source}: name: study {spec.name!r} already exists in {spec.study_dir}; "
                         f"`ssl-study resume {spec.name}` continues it, `ssl-study extend {spec.name} --trials N` "
                         f"adds trials, or choose another name")
+    settle_default(spec)  # journal instead of SQLite for a study directory on NFS
+    check_storage(spec)  # an unreachable database is one line here, before Ray starts
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         save_spec(spec)
@@ -160,11 +224,14 @@ def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = Tr
     found = experiments(spec.study_dir)
     if not found or not tune.Tuner.can_restore(str(found[-1])):
         raise SpecError(f"{spec.study_dir}: nothing to resume (no Tune experiment state); launch the study instead")
+    check_storage(spec)
+    for marker in (spec.study_dir / "logs").glob(".*.failed"):  # resume retries failed trials: all of them
+        marker.unlink()
     with connect(spec, address, verbose):
         data_paths = prepare_data(spec)
         tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                            resume_errored=True).fit()
-    close_orphans(spec.optuna_url, spec.name)
+    close_orphans(spec, spec.name)
     return results.read(spec.study_dir)
 
 
@@ -176,7 +243,8 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
     spec.search.num_samples = trials
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
-    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=spec.optuna_url).trials)
+    check_storage(spec)
+    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from study.best import finite
+from study.optuna_storage import open_storage
 from study.spec import StudySpec
 from study.status import trial_status
 from trainers.policy import VERDICTS
@@ -137,10 +138,11 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def close_orphans(storage_url: str, study_name: str) -> int:
+def close_orphans(storage: StudySpec | str, study_name: str) -> int:
     """Mark FAIL the Optuna trials left RUNNING once every Tune trial has ended: asked by a driver that was
-    killed before its searcher state was saved, they belong to no Tune trial. Returns how many."""
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    killed before its searcher state was saved, they belong to no Tune trial. Returns how many. ``storage``: a
+    study (its Optuna storage) or a storage URL."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
         study._storage.set_trial_user_attr(trial._trial_id, "ssl_study", "orphaned by an interrupted driver")

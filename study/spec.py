@@ -20,13 +20,12 @@ from search_spaces import Param, SpaceError, flatten, parse_space
 from search_spaces.presets import PRESETS, apply_preset
 from study import DEFAULT_STUDY
 from study.errors import SpecError
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, recipe_defaults
 from trainers.policy import StopPolicy
 
 METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "fifo")
-RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
 
 
 @dataclass
@@ -36,6 +35,10 @@ class Resources:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.1  # the Tune function that drives a trial's TorchTrainer
     check: bool = True  # refuse a trial the cluster's nodes can never hold (turn off for autoscaling clusters)
+    # Lost processes survived per trial: its worker group restarts this many times from the last checkpoint
+    # after a lost worker (a kill, an OOM, a preempted node), and Tune retries the trial as often after a lost
+    # trial driver. Each restart redoes at most the epoch in flight (checkpoint_every: 1 by default).
+    retries: int = 3
 
     def per_trial(self) -> dict[str, float]:
         return {"CPU": self.workers * self.cpus_per_worker + self.driver_cpus,
@@ -51,7 +54,10 @@ class Search:
     mode: str = "max"
     sampler: str = "tpe"
     seed: int = 0
-    storage: str | None = None  # Optuna RDB URL (postgresql://... on clusters); None: SQLite in the study dir
+    # The Optuna study (study/optuna_storage.py): None, SQLite in the study dir (a new study on NFS: journal);
+    # "journal", a journal file in the study dir (NFS-safe); journal:///abs/path; postgresql://user@host/db
+    # (the password from PGPASSWORD or ~/.pgpass, never in the URL: study.yaml keeps the URL); sqlite:///...
+    storage: str | None = None
     # Trials the instability policy stopped or flagged (unstable, diverged, collapsed) become constraint
     # violations the sampler models (TPE's feasibility split), instead of only PRUNED trials ranked low.
     constraints: bool = False
@@ -87,7 +93,10 @@ class StudySpec:
 
     @property
     def optuna_url(self) -> str:
-        """The Optuna storage: search.storage, else the study's own SQLite file."""
+        """The Optuna storage URL: search.storage (``journal``: the study's own journal file), else the study's own
+        SQLite file. study/optuna_storage.py opens it."""
+        if self.search.storage == "journal":
+            return f"journal://{self.study_dir / 'optuna.journal'}"
         return self.search.storage or f"sqlite:///{self.study_dir / 'optuna.db'}"
 
     @property
@@ -97,12 +106,17 @@ class StudySpec:
         except SpaceError as e:
             raise SpecError(str(e)) from None
 
-    def train_config(self) -> TrainConfig:
-        """The trials' TrainConfig; unless the file sets them, a worker's loader and torch threads are the CPUs
-        it is given (at least 1): one FFCV thread for a GPU that consumes thousands of images/s starves it."""
-        cpus = {"loader_workers": max(1, int(self.resources.cpus_per_worker)),
-                "threads": max(1, int(self.resources.cpus_per_worker))}
-        return TrainConfig(**{**cpus, **self.train}, stopping=self.stopping)
+    def train_config(self, params: dict | None = None) -> TrainConfig:
+        """A trial's TrainConfig: the file's ``train:`` with the trial's searched ``params`` (none: the file
+        alone) over defaults. Unless set, a worker's loader and torch threads are the CPUs it is given (at least
+        1: one FFCV thread for a GPU that consumes thousands of images/s starves it), and a ResNet gets the
+        paper's ResNet recipe (:func:`trainers.config.recipe_defaults`) instead of the ViT one."""
+        chosen = {**self.train, **(params or {})}
+        defaults = {"loader_workers": max(1, int(self.resources.cpus_per_worker)),
+                    "threads": max(1, int(self.resources.cpus_per_worker)),
+                    **recipe_defaults(chosen.get("backbone", TrainConfig.backbone),
+                                      chosen.get("method", TrainConfig.method))}
+        return TrainConfig(**{**defaults, **chosen}, stopping=self.stopping)
 
 
 def _type_name(tp: Any) -> str:
@@ -165,10 +179,8 @@ def _check_positive(value: float, where: str) -> None:
 
 def validate(spec: StudySpec) -> StudySpec:
     """Check values against each other and against what exists; returns ``spec``."""
-    from trainers.backbones import BACKBONES, MLP_NORMS, POS_EMBEDS
     from trainers.config import PRECISIONS
-    from trainers.methods import METHODS
-    from trainers.optim import OPTIMIZERS
+    from trainers.registry import BACKBONES, METHODS, MLP_NORMS, OPTIMIZERS, POS_EMBEDS
 
     src = spec.source
     if spec.preset is not None:
@@ -211,13 +223,17 @@ def validate(spec: StudySpec) -> StudySpec:
                         f"put two ranks on one GPU, which NCCL refuses; accepted: 0, or 1 or more per worker (a "
                         f"fraction only with workers: 1)")
     _check_positive(res.driver_cpus, f"{src}: resources.driver_cpus")
+    if res.retries < 0:
+        raise SpecError(f"{src}: resources.retries: must be >= 0 (0: a lost worker fails its trial), got {res.retries}")
     s = spec.search
     _one_of(s.metric, METRICS, f"{src}: search.metric")
     _one_of(s.mode, ("max", "min"), f"{src}: search.mode")
     _one_of(s.sampler, SAMPLERS, f"{src}: search.sampler")
-    if s.storage is not None and not s.storage.startswith(RDB_SCHEMES):
-        raise SpecError(f"{src}: search.storage: {s.storage!r} is not an Optuna RDB URL; accepted: "
-                        f"{', '.join(f'{p}...' for p in RDB_SCHEMES)}")
+    if s.storage is not None:  # the URL only; whether its database answers is checked at launch (check_storage)
+        from study.optuna_storage import url_problem
+
+        if why := url_problem(s.storage):
+            raise SpecError(f"{src}: search.storage: {why}")
     if "://" in spec.storage:
         raise SpecError(f"{src}: storage: {spec.storage!r}: give a path (on clusters, an NFS mount shared by "
                         f"every node); object-store URLs are not supported yet")

@@ -15,17 +15,10 @@ and any process left whose command line names this head's temp dir (workers, age
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
+from servers import free_ports, ray_head
 
 from study import submit as sub
 from study.spec import DEFAULT_STUDY, SpecError
@@ -263,7 +257,7 @@ def test_unreachable_cluster_is_exit_code_1(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     sub.add_submit_arguments(parser)
-    args = parser.parse_args([str(_tiny_study(tmp_path)), "--address", f"http://127.0.0.1:{_free_ports(1)[0]}"])
+    args = parser.parse_args([str(_tiny_study(tmp_path)), "--address", f"http://127.0.0.1:{free_ports(1)[0]}"])
     assert sub.submit_from_args(args) == 1
     assert "ssl-study: error:" in capsys.readouterr().err
 
@@ -271,88 +265,20 @@ def test_unreachable_cluster_is_exit_code_1(tmp_path, capsys):
 # ---------------------------------------------------------------- submit: a real head on 127.0.0.1
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    # `ray start --block` and the raylet outlive SIGTERM (seen here: still up after 12 s), hence the short grace.
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, sig)
-        deadline = time.time() + grace
-        while time.time() < deadline and (head.poll() is None or _pids_naming(temp_dir)):
-            time.sleep(0.5)
-    for pid in _pids_naming(temp_dir):  # anything that left the process group but belongs to this head
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def head():
     """A Ray head on 127.0.0.1 with token authentication (its own token, not ~/.ray's); yields (address, token)."""
-    temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: Ray's unix sockets live under it
-    token = secrets.token_hex(16)
-    token_file = Path(temp_dir) / "token"
-    token_file.write_text(token)
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")  # the job's `python` is this venv's
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-           "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={256 * 2**20}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
-    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()}")
-            try:
-                if requests.get(f"{address}/api/version", timeout=10,
-                                headers={"Authorization": f"Bearer {token}"}).ok:
-                    break
-            except requests.RequestException:  # not up yet, or slow to answer on a loaded machine
-                pass
-            if time.time() > deadline:
-                pytest.fail("the Ray head's dashboard did not come up in 120 s")
-            time.sleep(1)
-        yield address, token_file
-    finally:
-        _stop_head(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(num_cpus=2) as h:
+        yield h.address, h.token_file
 
 
+@pytest.mark.cluster
 def test_head_demands_the_token(head):
     address, _ = head
     assert requests.get(f"{address}/api/jobs/", timeout=10).status_code == 401
 
 
+@pytest.mark.cluster
 def test_submitted_study_finishes_and_its_results_come_back(head, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus
 

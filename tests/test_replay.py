@@ -19,7 +19,7 @@ import pytest
 import ray
 import yaml
 
-from study import cluster, replay
+from study import cluster, replay, results
 from study.cli import main
 from study.replay import Strategy, summary
 from study.results import EPOCH_METRICS, TABLES
@@ -41,7 +41,8 @@ def study_files(record: Path) -> list[Path]:
 
 
 def rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    """The table ``path`` names (``<folder>/<table>.parquet``), its compacted file and any parts."""
+    return results.read_folder(path.parent, path.stem).to_pylist()
 
 
 def same(a, b) -> bool:

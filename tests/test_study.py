@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from studies import run_studies, write_study
 
+from study import results
+
 STUDY = {
     "name": "tiny",
     "train": {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_dim": 64, "dim": 32,
@@ -44,7 +46,7 @@ def test_every_trial_is_in_the_parquet_table(finished):
 
 def test_epoch_table_has_one_row_per_reported_epoch(finished):
     spec, trials = finished
-    epochs = pq.read_table(spec.study_dir / "results" / "epochs.parquet").to_pylist()
+    epochs = results.read_table(spec.study_dir, "epochs").to_pylist()
     done = {r["trial_id"]: r["epochs_done"] for r in trials.to_pylist()}
     for trial_id, n in done.items():
         assert sorted(r["epoch"] for r in epochs if r["trial_id"] == trial_id) == list(range(1, n + 1))

@@ -13,13 +13,14 @@ import sys
 import time
 
 import optuna
-import pyarrow.parquet as pq
 import pytest
 import ray
 from studies import write_study
 
-from study import cluster
+from study import cluster, results
 from study.cli import main
+
+pytestmark = pytest.mark.cluster
 
 STUDY = {
     "name": "life",
@@ -33,8 +34,10 @@ STUDY = {
 
 
 def trials_table(spec):
-    path = spec.study_dir / "results" / "trials.parquet"
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    try:  # read as the CLI reads it: pq.read_table(path) can catch the file being replaced (it opens it twice)
+        return results.read_table(spec.study_dir).to_pylist()
+    except FileNotFoundError:
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def lifecycle(tmp_path_factory):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {r["trial_id"]: r for r in trials_table(spec)}
-    before_epochs = {t: [e["loss"] for e in sorted(pq.read_table(spec.study_dir / "results" / "epochs.parquet")
+    before_epochs = {t: [e["loss"] for e in sorted(results.read_table(spec.study_dir, "epochs")
                                                      .to_pylist(), key=lambda e: e["epoch"]) if e["trial_id"] == t]
                      for t, r in before.items() if r["status"] == "completed"}
     train_files = {t: sorted(p.name for p in (spec.study_dir / "train" / t).rglob("*")) for t, r in before.items()
@@ -78,7 +81,7 @@ def lifecycle(tmp_path_factory):
 def test_resume_finishes_the_study_without_rerunning_finished_trials(lifecycle):
     spec, before_epochs, train_files, resumed, _, _ = lifecycle
     assert len(resumed) == 4 and all(r["status"] == "completed" for r in resumed), resumed
-    epochs = pq.read_table(spec.study_dir / "results" / "epochs.parquet").to_pylist()
+    epochs = results.read_table(spec.study_dir, "epochs").to_pylist()
     for trial_id, files in train_files.items():  # the finished trials did not train again
         # Tune saves its experiment state every 10 s or so: a trial that ended just before the kill may be
         # started again, but it finds its final checkpoint, trains nothing and only reports its last epoch again.

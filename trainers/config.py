@@ -15,6 +15,21 @@ from trainers.policy import StopPolicy
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
+# The paper's ResNet-50 recipe (MoCo v3 Sec. 4 and appendix; recipe.md "Optimisation", "Augmentations", "Loss"):
+# what a ResNet trial gets for the fields that neither its study file nor its search space sets. The dataclass
+# defaults below are the ViT recipe. Temperature 1.0 is MoCo v3's (BYOL has none; SimCLR keeps its own 0.2).
+RESNET_RECIPE = {"optimizer": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10.0, "crop_min": 0.2}
+RESNET_TEMPERATURE = {"moco_v3": 1.0}
+
+
+def recipe_defaults(backbone: str, method: str) -> dict:
+    """The defaults of ``backbone``'s recipe that differ from TrainConfig's (the ViT recipe): {} for a ViT."""
+    from trainers.registry import RESNETS
+
+    if backbone not in RESNETS:
+        return {}
+    return {**RESNET_RECIPE, **({"temperature": RESNET_TEMPERATURE[method]} if method in RESNET_TEMPERATURE else {})}
+
 
 @dataclass
 class TrainConfig:
@@ -29,7 +44,10 @@ class TrainConfig:
     train_path: str = ""
     test_path: str = ""
     train_subset: int | None = None
-    knn_bank_subset: int | None = None
+    # The per-epoch kNN's bank: a fixed random sample of the training split (None: all of it). 65,536 images
+    # are a whole Fashion-MNIST or CIFAR split and 5% of ImageNet's, whose whole bank would cost about a
+    # training epoch's GPU time every epoch (its 1.28 M forwards and a 50 k x 1.28 M similarity).
+    knn_bank_subset: int | None = 65536
     knn_eval_subset: int | None = None
     crop_min: float = 0.08
     augment: dict = field(default_factory=dict)  # data.recipes.ViewRecipe fields overriding the method's recipe
@@ -63,7 +81,9 @@ class TrainConfig:
     # run
     seed: int = 0
     threads: int = 1  # torch intra-op threads per worker
-    checkpoint_every: int = 0  # epochs between checkpoints; 0: only at the end
+    # Epochs between checkpoints (0: only at the end); the last one only is kept. Every epoch by default: a
+    # lost worker or trial driver then redoes at most one epoch (a checkpoint of ViT-S: about 0.3 GB, 1 s).
+    checkpoint_every: int = 1
     resume_from: str = ""  # a checkpoint directory to continue from when the run has none of its own
     export: bool = True  # the final checkpoint carries backbone.safetensors, loadable by timm
 

@@ -14,7 +14,7 @@ import torch
 from timm.optim import Lamb, param_groups_weight_decay
 from torch import nn
 
-OPTIMIZERS = ("adamw", "lars", "lamb")
+from trainers.registry import OPTIMIZERS
 
 
 class LARS(torch.optim.Optimizer):

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from trainers.signals import SUMMARY_KEYS
+from trainers.events import SUMMARY_KEYS
 
 STOP_MODES = ("enforce", "observe", "off")
 VERDICTS = ("diverged", "collapsed", "unstable")

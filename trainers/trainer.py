@@ -11,9 +11,11 @@ test runs one in a plain process, and ``bench/trainer.py`` times :meth:`Trainer.
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -148,13 +150,70 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The CPU generators' states as tensors and plain values: numpy's key (a uint32 array) as an int64 tensor."""
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    numpy_state = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
+
+
+class CheckpointError(Exception):
+    """A file that is not an ssl-study checkpoint of tensors and plain values: refused, nothing of it is run."""
+
+
+_PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+class _NotPlain(TypeError):
+    def __init__(self, value) -> None:
+        super().__init__(f"{type(value).__module__}.{type(value).__qualname__} is not a tensor or a plain value "
+                         "(dict, list, tuple, int, float, str, bool, None)")
+        self.where: list = []  # the keys down to it, filled in on the way up
+
+
+def _plain(value):
+    """``value`` as ``torch.load(weights_only=True)`` reads it back: numpy scalars become Python ones (numpy's
+    float64 is a float but pickles as numpy's); tensors, plain scalars and dicts, lists and tuples of them stay
+    (the same objects where nothing changed: a module state dict keeps its ``_metadata``). Anything else raises
+    :class:`_NotPlain` (a TypeError): written, it would make the checkpoint unloadable."""
+    if type(value) in _PLAIN_SCALARS or isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in (dict, OrderedDict):
+        items, changed = [], False
+        for k, v in value.items():
+            try:
+                item = _plain(k), _plain(v)
+            except _NotPlain as e:
+                e.where.insert(0, k)
+                raise
+            changed = changed or item[0] is not k or item[1] is not v
+            items.append(item)
+        if not changed:
+            return value
+        converted = type(value)(items)
+        if hasattr(value, "_metadata"):
+            converted._metadata = value._metadata
+        return converted
+    if type(value) in (list, tuple):
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(_plain(v))
+            except _NotPlain as e:
+                e.where.insert(0, i)
+                raise
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+    raise _NotPlain(value)
 
 
 class Trainer:
@@ -277,7 +336,10 @@ class Trainer:
                  "metrics": self.metrics}
         for callback in self.callbacks:
             state[callback.name] = callback.state_dict()
-        return state
+        try:
+            return _plain(state)  # what torch.load(weights_only=True) reads: see load
+        except _NotPlain as e:
+            raise TypeError(f"checkpoint state{''.join(f'[{k!r}]' for k in e.where)}: {e}") from None
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
@@ -298,6 +360,30 @@ class Trainer:
             callback.save_files(Path(directory))
 
     def load(self, directory: Path) -> None:
-        # To the CPU first: a checkpoint mapped straight to the GPU would put the CPU RNG state there
-        # (set_rng_state then raises) and leave AdamW's step counters on the GPU (a host sync per parameter).
-        self.load_state_dict(torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+        """Restore the checkpoint :meth:`save` wrote into ``directory``.
+
+        ``state.pt`` is read with ``weights_only=True``: tensors and plain values only, so a foreign file runs
+        nothing of what it pickled. FileNotFoundError if it is missing; :class:`CheckpointError` (one line, the
+        file and why) if it is not such a checkpoint: a pickle of anything else, truncated, another torch file.
+        """
+        path = Path(directory) / STATE_FILE
+        refused = f"{path}: refused: not an ssl-study checkpoint of tensors and plain values"
+        try:
+            # To the CPU first: a checkpoint mapped straight to the GPU would put the CPU RNG state there
+            # (set_rng_state then raises) and leave AdamW's step counters on the GPU (a host sync per parameter).
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no checkpoint state ({STATE_FILE}) there", str(path)) from None
+        except Exception as e:  # also an OSError: a zip cut short can fail a seek ("[Errno 22] Invalid argument")
+            # torch's message runs over lines of advice; the reason is after "WeightsUnpickler error:", if any.
+            text = str(e).split("WeightsUnpickler error:", 1)[-1]
+            reason = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0]
+            reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+            raise CheckpointError(f"{refused} (torch.load weights_only: {reason})") from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{refused} (a {type(state).__name__}, not the trainer's state)")
+        missing = [k for k in ("model", "optimizer", "scaler", "rng", "epoch", "knn_top1_init", "metrics")
+                   if k not in state]
+        if missing:
+            raise CheckpointError(f"{refused} (no {', '.join(missing)})")
+        self.load_state_dict(state)

@@ -15,12 +15,15 @@ import ray.train
 import ray.train.torch
 
 from trainers.config import TrainConfig
-from trainers.export import export_backbone
-from trainers.trainer import Trainer, backbone_options
 
 
 def fit(cfg: TrainConfig) -> None:
     """Train ``cfg`` on this Ray Train worker, reporting every epoch."""
+    # Imported here, not above: Tune's trial actor and Train's controller import this module to unpickle
+    # train_loop_per_worker, and neither needs the model (timm and the Trainer: about 1.5 s each on 2 cores).
+    from trainers.export import export_backbone
+    from trainers.trainer import Trainer, backbone_options
+
     trainer = Trainer(cfg, ray.train.torch.get_device())
     own = ray.train.get_checkpoint()  # the run's own latest checkpoint (a restarted trial) wins
     checkpoint = own or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)

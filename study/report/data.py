@@ -59,7 +59,7 @@ def _rows(study_dir: Path, name: str) -> list[dict]:
     from study import results
 
     try:
-        return results.read(study_dir, name).to_pylist()
+        return results.read_table(study_dir, name).to_pylist()  # the compacted file and any parts
     except FileNotFoundError:  # epochs and events: no trial has reported an epoch yet
         return []
     except (pa.ArrowException, OSError) as e:  # a truncated, foreign or unreadable file

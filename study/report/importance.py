@@ -37,7 +37,12 @@ def param_importance(spec: StudySpec, study_dir: Path) -> tuple[dict[str, float]
     it is not installed here): it is named explicitly so that a change of default does not bring that need back.
     Only COMPLETE trials count: trials ASHA or the instability policy stopped are PRUNED in the storage.
     """
-    if spec.search.storage:
+    if spec.search.storage == "journal":  # the study's own journal file where the directory is now
+        journal = study_dir / "optuna.journal"
+        if not journal.is_file():  # opening it would create it
+            return None, f"no Optuna storage found ({journal} does not exist)"
+        url = f"journal://{journal.resolve()}"
+    elif spec.search.storage:
         url = spec.optuna_url
     else:  # the study's own SQLite file where the directory is now (it may have moved since it ran)
         db = study_dir / "optuna.db"
@@ -47,9 +52,11 @@ def param_importance(spec: StudySpec, study_dir: Path) -> tuple[dict[str, float]
     import optuna
     from optuna.trial import TrialState
 
+    from study.optuna_storage import open_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=url)
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
     except Exception as e:  # a missing study or an unreachable database: say so, do not crash
         first_line = str(e).partition("\n")[0]  # SQLAlchemy adds the SQL statement and a link below
         return None, f"the Optuna study {spec.name!r} could not be loaded ({type(e).__name__}: {first_line})"

@@ -12,8 +12,7 @@ from torch import nn
 from trainers.methods.byol import BYOL
 from trainers.methods.moco_v3 import MoCoV3
 from trainers.methods.simclr import SimCLR
-
-METHODS: tuple[str, ...] = ("moco_v3", "byol", "simclr")
+from trainers.registry import METHODS
 
 
 def is_vit(backbone: nn.Module) -> bool:
