@@ -88,7 +88,9 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
     trial_id = tune.get_context().get_trial_id()
     marker = failed_marker(logs_dir, trial_id)
     if marker.exists():
-        raise RuntimeError(f"trial {trial_id} raised before, not retried: {marker.read_text()}")
+        # The error's last line is what the trials table and the console show (study/status.failure): the same
+        # line as the first time.
+        raise RuntimeError(f"trial {trial_id} raised before, so Tune's retry stops here:\n{marker.read_text()}")
     options = {k: v for k, v in config.items() if k in TrainConfig.field_names()}  # not Optuna's "1-moco_m"
     resources = spec.resources
 
@@ -131,7 +133,7 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
                         f"{Path(logs_dir) / 'ray.log'} (lines marked with its pid; the terminal with --verbose) "
                         f"and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
             if not lost_process(e):
-                marker.write_text(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                marker.write_text(traceback.format_exc().strip().splitlines()[-1])
             raise
 
 
