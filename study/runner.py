@@ -114,25 +114,24 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
         )
 
     log = Path(logs_dir) / f"{trial_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(resources.retries + 1):
         try:
             trainer().fit()
             return
         except Exception as e:
-            if lost_process(e) and attempt < resources.retries:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as f:
+            lost = lost_process(e)
+            with log.open("a") as f:
+                if lost and attempt < resources.retries:
                     f.write(f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
                             f"{attempt + 1} of {resources.retries} from the latest checkpoint\n")
-                continue
-            # Tune's error file holds this too, but in the middle of the experiment's files; the workers' own
-            # tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a") as f:
+                    continue
+                # Tune's error file holds this too, but in the middle of the experiment's files; the workers'
+                # own tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
                 f.write(f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole output: "
                         f"{Path(logs_dir) / 'ray.log'} (lines marked with its pid; the terminal with --verbose) "
                         f"and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
-            if not lost_process(e):
+            if not lost:
                 marker.write_text(traceback.format_exc().strip().splitlines()[-1])
             raise
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from study import cluster, runner
+from study import cluster, results, runner
 from study.spec import StudySpec, load_spec
 
 
@@ -16,6 +16,14 @@ def write_study(root: Path, study: dict, data_dir: Path | None = None) -> StudyS
     path.write_text(yaml.safe_dump({**study, "storage": str(root / "runs"),
                                     "data_dir": str(data_dir or root / "data")}))
     return load_spec(path)
+
+
+def rows(spec: StudySpec, table: str) -> list[dict]:
+    """The study's ``table`` (trials, epochs, events) as it stands, parts included: [] before its first write."""
+    try:
+        return results.read_table(spec.study_dir, table).to_pylist()
+    except FileNotFoundError:
+        return []
 
 
 def run_studies(*specs: StudySpec) -> None:

@@ -12,9 +12,8 @@ import sys
 import time
 
 import pytest
-from studies import write_study
-
-from study import results
+from servers import pids_naming
+from studies import rows, write_study
 
 pytestmark = pytest.mark.cluster
 
@@ -30,26 +29,6 @@ STUDY = {
 }
 
 
-def processes(title: str) -> list[int]:
-    """PIDs whose command line (Ray's process title) starts with ``title``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(title.encode()):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def table(spec, name):
-    try:
-        return results.read_table(spec.study_dir, name).to_pylist()
-    except FileNotFoundError:
-        return []
-
-
 @pytest.fixture(scope="module")
 def survived(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
@@ -61,16 +40,16 @@ def survived(tmp_path_factory):
     deadline = time.monotonic() + 900
     try:
         while driver.poll() is None and time.monotonic() < deadline:
-            epochs = table(spec, "epochs")
+            epochs = rows(spec, "epochs")
             trials = list(dict.fromkeys(e["trial_id"] for e in epochs))  # in the order they reported
             done = {t: max(e["epoch"] for e in epochs if e["trial_id"] == t) for t in trials}
             # Kill once a trial's first epochs are in the table (the writer flushes every few seconds) and some
             # are still to come.
-            if not kills and trials and done[trials[0]] < 4 and processes("ray::RayTrainWorker"):
-                os.kill(processes("ray::RayTrainWorker")[-1], signal.SIGKILL)
+            if not kills and trials and done[trials[0]] < 4 and pids_naming("ray::RayTrainWorker"):
+                os.kill(pids_naming("ray::RayTrainWorker")[-1], signal.SIGKILL)
                 kills.append(("worker", trials[0], done[trials[0]]))
-            elif len(kills) == 1 and len(trials) == 2 and done[trials[1]] < 4 and processes("ray::ImplicitFunc"):
-                os.kill(processes("ray::ImplicitFunc")[0], signal.SIGKILL)
+            elif len(kills) == 1 and len(trials) == 2 and done[trials[1]] < 4 and pids_naming("ray::ImplicitFunc"):
+                os.kill(pids_naming("ray::ImplicitFunc")[0], signal.SIGKILL)
                 kills.append(("trial driver", trials[1], done[trials[1]]))
             time.sleep(0.2)
     finally:
@@ -88,11 +67,11 @@ def test_both_kills_happened_and_the_study_ended_well(survived):
 
 def test_every_trial_completes_with_every_epoch_once(survived):
     spec, _, kills = survived
-    trials = {t["trial_id"]: t for t in table(spec, "trials")}
+    trials = {t["trial_id"]: t for t in rows(spec, "trials")}
     assert {k[1] for k in kills} == set(trials)
     for trial_id, row in trials.items():
         assert (row["status"], row["epochs_done"]) == ("completed", 4), row
-        epochs = sorted(e["epoch"] for e in table(spec, "epochs") if e["trial_id"] == trial_id)
+        epochs = sorted(e["epoch"] for e in rows(spec, "epochs") if e["trial_id"] == trial_id)
         assert epochs == [1, 2, 3, 4], (trial_id, epochs)
 
 

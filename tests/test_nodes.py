@@ -19,9 +19,7 @@ import optuna
 import pytest
 import requests
 from servers import alive_nodes, pids_naming, ray_head, ray_worker_node
-from studies import write_study
-
-from study import results
+from studies import rows, write_study
 
 pytestmark = pytest.mark.cluster
 
@@ -58,13 +56,13 @@ def two_nodes(tmp_path_factory):
         def kill_second_node_mid_trial():  # once a worker there has reported an epoch
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and not killed:
-                with_epochs = {e["trial_id"] for e in _table(spec, "epochs")}
+                with_epochs = {e["trial_id"] for e in rows(spec, "epochs")}
                 with contextlib.suppress(requests.RequestException):
                     there = [a for a in train_workers(head) if a["node_id"] == second_id and a["state"] == "ALIVE"]
                     if there and with_epochs:
                         for pid in pids_naming(f"--node_manager_port={second.node_manager_port}"):
                             os.kill(pid, signal.SIGKILL)
-                        killed["epochs"] = {t: len([e for e in _table(spec, "epochs") if e["trial_id"] == t])
+                        killed["epochs"] = {t: len([e for e in rows(spec, "epochs") if e["trial_id"] == t])
                                             for t in with_epochs}
                 time.sleep(0.5)
 
@@ -77,13 +75,6 @@ def two_nodes(tmp_path_factory):
         killer.join(timeout=5)
         workers = train_workers(head)
     return spec, code, killed, workers, second_id
-
-
-def _table(spec, name):
-    try:
-        return results.read_table(spec.study_dir, name).to_pylist()
-    except FileNotFoundError:
-        return []
 
 
 def test_the_study_ends_well_after_losing_a_node(two_nodes):
@@ -101,10 +92,10 @@ def test_trials_ran_on_both_nodes_and_one_restarted_on_the_head(two_nodes):
 
 def test_results_checkpoints_and_optuna_are_complete(two_nodes):
     spec, _, _, _, _ = two_nodes
-    trials = _table(spec, "trials")
+    trials = rows(spec, "trials")
     assert len(trials) == 3 and all((t["status"], t["epochs_done"]) == ("completed", 3) for t in trials), trials
     for t in trials:
-        assert sorted(e["epoch"] for e in _table(spec, "epochs") if e["trial_id"] == t["trial_id"]) == [1, 2, 3]
+        assert sorted(e["epoch"] for e in rows(spec, "epochs") if e["trial_id"] == t["trial_id"]) == [1, 2, 3]
         assert (spec.study_dir / "train" / t["trial_id"]).is_dir() and t["checkpoint"]
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3

@@ -172,48 +172,24 @@ class CheckpointError(Exception):
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
 
 
-class _NotPlain(TypeError):
-    def __init__(self, value) -> None:
-        super().__init__(f"{type(value).__module__}.{type(value).__qualname__} is not a tensor or a plain value "
-                         "(dict, list, tuple, int, float, str, bool, None)")
-        self.where: list = []  # the keys down to it, filled in on the way up
-
-
-def _plain(value):
+def _plain(value, where: str = "state"):
     """``value`` as ``torch.load(weights_only=True)`` reads it back: numpy scalars become Python ones (numpy's
     float64 is a float but pickles as numpy's); tensors, plain scalars and dicts, lists and tuples of them stay
-    (the same objects where nothing changed: a module state dict keeps its ``_metadata``). Anything else raises
-    :class:`_NotPlain` (a TypeError): written, it would make the checkpoint unloadable."""
+    (a module state dict keeps its ``_metadata``). Anything else raises a TypeError naming where it is: written,
+    it would make the checkpoint unloadable."""
     if type(value) in _PLAIN_SCALARS or isinstance(value, Tensor):
         return value
     if isinstance(value, np.generic):
         return value.item()
     if type(value) in (dict, OrderedDict):
-        items, changed = [], False
-        for k, v in value.items():
-            try:
-                item = _plain(k), _plain(v)
-            except _NotPlain as e:
-                e.where.insert(0, k)
-                raise
-            changed = changed or item[0] is not k or item[1] is not v
-            items.append(item)
-        if not changed:
-            return value
-        converted = type(value)(items)
+        plain = type(value)((_plain(k, where), _plain(v, f"{where}[{k!r}]")) for k, v in value.items())
         if hasattr(value, "_metadata"):
-            converted._metadata = value._metadata
-        return converted
+            plain._metadata = value._metadata
+        return plain
     if type(value) in (list, tuple):
-        items = []
-        for i, v in enumerate(value):
-            try:
-                items.append(_plain(v))
-            except _NotPlain as e:
-                e.where.insert(0, i)
-                raise
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
-    raise _NotPlain(value)
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"checkpoint {where}: {type(value).__module__}.{type(value).__qualname__} is not a tensor or a "
+                    "plain value (dict, list, tuple, int, float, str, bool, None)")
 
 
 class Trainer:
@@ -336,10 +312,7 @@ class Trainer:
                  "metrics": self.metrics}
         for callback in self.callbacks:
             state[callback.name] = callback.state_dict()
-        try:
-            return _plain(state)  # what torch.load(weights_only=True) reads: see load
-        except _NotPlain as e:
-            raise TypeError(f"checkpoint state{''.join(f'[{k!r}]' for k in e.where)}: {e}") from None
+        return _plain(state)  # what torch.load(weights_only=True) reads: see load
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
