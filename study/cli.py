@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from data import store
 from data.errors import DatasetError
 from study import DEFAULT_STUDY
 from study.best import best_trial
@@ -134,7 +135,8 @@ def launch(args: argparse.Namespace) -> int:
             cluster.check_fits(spec, cluster.local_nodes(), "this machine")
         from study.optuna_storage import check_storage, settle_default
 
-        settle_default(spec)  # as runner.run_study does, before Ray starts: the storage it would use, reachable
+        runner.check_locations(spec)  # as runner.run_study does, before Ray starts: buckets writable,
+        settle_default(spec)  # the Optuna storage it would use, reachable
         check_storage(spec)
         print(describe(spec, args.address))
         return 0
@@ -194,7 +196,7 @@ def status(args: argparse.Namespace) -> int:
     results_file = spec.study_dir / "results" / "trials.parquet"
     for r in rows:
         if r["status"] == "running":
-            age = time.time() - results_file.stat().st_mtime
+            age = time.time() - store.mtime(results_file)
             print(f"  running {r['trial_id']}: epoch {r['epochs_done']}/{spec.train_config().epochs}, "
                   f"{spec.search.metric} {r[spec.search.metric]:.4g} (results updated {age:.0f} s ago; if the "
                   f"driver is gone, `ssl-study resume {spec.name}`)")
@@ -212,7 +214,7 @@ def best(args: argparse.Namespace) -> int:
         print(f"study {spec.name}: no trial has a finite {spec.search.metric} yet", file=sys.stderr)
         return 1
     params = {p.name: row.get(p.name) for p in spec.params}
-    export = Path(row["checkpoint"]) / "backbone.safetensors" if row["checkpoint"] else None
+    export = store.location(row["checkpoint"]) / "backbone.safetensors" if row["checkpoint"] else None
     print(json.dumps({
         "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
         "config": spec.train_config({k: v for k, v in params.items()
@@ -231,9 +233,9 @@ def results_cmd(args: argparse.Namespace) -> int:
     from study import results
     from study.query import parse_where
 
-    root = Path(args.name)
-    if not root.exists():
-        root = Path(args.storage) / args.name
+    root = store.location(args.name)
+    if "://" not in args.name and not root.exists():
+        root = store.location(args.storage) / args.name
     try:
         res = results.open(root)
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from data.store import is_remote, location
 from study.progress import console, say
 from study.spec import SpecError, StudySpec
 
@@ -68,10 +69,10 @@ def concurrency(spec: StudySpec, nodes: list[dict[str, float]]) -> int:
 
 
 def is_shared(path: str) -> bool:
-    """Whether every node can reach ``path``: a URL (s3://, gs://, ...) or a path on a network file system."""
-    if "://" in path:
+    """Whether every node can reach ``path``: object storage (s3://, gs://) or a path on a network file system."""
+    if is_remote(path):
         return True
-    path = os.path.realpath(path)
+    path = os.path.realpath(str(location(path)))
     best, fstype = "", ""
     with open("/proc/mounts") as mounts:
         for line in mounts:
@@ -140,11 +141,12 @@ def connect(spec: StudySpec, address: str | None, verbose: bool = True) -> Itera
     """Check the study against the cluster, start or join Ray for the block and give the trial concurrency.
 
     A local cluster is checked before Ray starts or anything is written; a remote one right after joining,
-    before any trial. Without ``verbose``, Ray's output goes to ``<study_dir>/logs/ray.log`` (:func:`ray_session`).
+    before any trial. Without ``verbose``, Ray's output goes to ``logs/ray.log`` in the study's folder on this
+    machine (:func:`ray_session`; ``spec.local_dir``: for a study in object storage, study/mirror.py copies it there).
     """
     if not address:
         check_fits(spec, local_nodes(), "this machine")
-    with ray_session(None if verbose else spec.study_dir / "logs" / "ray.log", address):
+    with ray_session(None if verbose else spec.local_dir / "logs" / "ray.log", address):
         nodes = cluster_nodes()
         if address:
             check_fits(spec, nodes, f"the cluster at {address}")

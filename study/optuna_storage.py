@@ -99,7 +99,7 @@ def _url_where(target: StudySpec | str) -> tuple[str, str]:
     return target.optuna_url, f"{target.source}: search.storage"
 
 
-def _file_path(url: str) -> Path | None:
+def file_path(url: str) -> Path | None:
     """The file of a journal or SQLite URL (None for a server, or SQLite in memory)."""
     if url.startswith(JOURNAL_SCHEME):
         return Path(url[len(JOURNAL_SCHEME):])
@@ -176,7 +176,7 @@ def check_storage(target: StudySpec | str) -> None:
     url, where = _url_where(target)
     if why := url_problem(url):
         raise SpecError(f"{where}: {why}")
-    path = _file_path(url)
+    path = file_path(url)
     if path is not None:
         _check_file(where, url, path, journal=url.startswith(JOURNAL_SCHEME))
     elif not url.startswith("sqlite:"):
@@ -192,7 +192,7 @@ def open_storage(target: StudySpec | str) -> optuna.storages.BaseStorage:
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    path = _file_path(url)
+    path = file_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith(JOURNAL_SCHEME):
@@ -215,7 +215,7 @@ def settle_default(spec: StudySpec) -> None:
     journal file there when the directory is on a network file system (SQLite's locks are unreliable on NFS).
     The choice is written to ``spec.search.storage`` (and so into the saved study.yaml): a study keeps the
     storage it started with, wherever its directory is later found. Call it for a new study only."""
-    if spec.search.storage is None:
+    if spec.search.storage is None and not spec.remote:  # a study in object storage: SQLite on the local disk
         from study.cluster import is_shared
 
         if is_shared(str(spec.study_dir)):

@@ -18,8 +18,8 @@ The layout keeps the cost of a reported epoch flat however large the study grows
   ``epochs-part-LO-HI.parquet`` (and the same for ``events``). New rows are buffered and written as one part per
   flush, numbered by a sequence that never goes back (LO == HI for a fresh part). A flush happens once the
   oldest buffered row is :attr:`ResultsWriter.flush_every_s` old or :attr:`ResultsWriter.part_rows` rows are
-  buffered, and at once when a result comes with a checkpoint while the trial's previous rows are still
-  buffered, when a trial ends or fails and when the experiment ends. Every :attr:`ResultsWriter.merge_parts`
+  buffered, and at once when a result comes with a checkpoint (its rows and all before), when a trial ends or
+  fails and when the experiment ends. Every :attr:`ResultsWriter.merge_parts`
   parts of one size class are merged into one part covering their sequence numbers (a part of
   :attr:`ResultsWriter.chunk_rows` rows or more is merged no more), so the files stay few and each row is
   rewritten a bounded number of times. When the experiment ends (and when a
@@ -27,12 +27,13 @@ The layout keeps the cost of a reported epoch flat however large the study grows
   ``events.parquet`` (file metadata ``ssl_study.through``: the last sequence number folded in) and the parts are
   removed: a finished study has the three files of old.
 
-Every file is written to a temporary name then renamed (data/atomic.py), so a reader never sees a partial
-file. A killed driver loses at most the rows still buffered, none of them at or before a trial's checkpoint: a
-trial restored from its checkpoint reports the checkpointed epoch again, and the later ones. That report
-replaces the trial's rows of that epoch and later (epochs and events), in the writer's buffer, at a merge and at
-a compaction, and in :func:`read_table`, which reads the compacted file and the parts as one table (the later
-of two reports wins).
+Every file is written to a temporary name then renamed (data/atomic.py), or uploaded whole to object storage
+(data/store.py), so a reader never sees a partial file. A killed driver loses at most the rows still buffered,
+none of them at or before a trial's checkpoint: those are written when the checkpoint's result comes (a trial
+restored from its checkpoint goes on with the epoch after it; its re-report of the checkpointed epoch does not
+reach Tune on Ray 2.60, seen in tests/test_object_storage.py). A restored trial's reports replace its rows of
+that epoch and later (epochs and events), in the writer's buffer, at a merge and at a compaction, and in
+:func:`read_table`, which reads the compacted file and the parts as one table (the later of two reports wins).
 
 Read the tables with :func:`read_table` / :func:`open` while a study runs. ``pq.read_table(".../epochs.parquet")``
 or DuckDB's ``read_parquet('.../results/epochs*.parquet')`` read the files as they are: the same table once the
@@ -56,6 +57,7 @@ import pyarrow.parquet as pq
 from ray.tune import Callback
 
 from data.atomic import atomic_path
+from data.store import ObjectPath, location
 from search_spaces import Param
 from study.best import number
 from study.spec import StudySpec
@@ -106,8 +108,13 @@ def _with_version(schema: pa.Schema, table: str) -> pa.Schema:
     return schema.with_metadata({"ssl_study.schema_version": str(SCHEMA_VERSION), "ssl_study.table": table})
 
 
-def write_atomic(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` to ``path`` atomically (data/atomic.py): a reader sees the old table or the new one."""
+def write_atomic(table: pa.Table, path: Path | ObjectPath) -> Path | ObjectPath:
+    """Write ``table`` to ``path`` atomically: a reader sees the old table or the new one (a temporary file renamed
+    on a disk, data/atomic.py; one upload to object storage, where an object appears whole: data/store.py)."""
+    if isinstance(path, ObjectPath):
+        with path.open_output() as f:
+            pq.write_table(table, f)
+        return path
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -125,11 +132,11 @@ def part_name(table: str, lo: int, hi: int) -> str:
     return f"{table}-part-{lo:08d}-{hi:08d}.parquet"
 
 
-def parts(folder: Path, table: str) -> list[tuple[int, int, Path]]:
+def parts(folder: Path | ObjectPath, table: str) -> list[tuple[int, int, Path]]:
     """The part files of ``table`` in ``folder`` as (first, last sequence number, path), oldest first. A part
     inside the range of another is left out: a merge wrote the merged part and has not removed its sources."""
     found = []
-    for path in Path(folder).glob(f"{table}-part-*.parquet"):
+    for path in location(folder).glob(f"{table}-part-*.parquet"):
         m = _PART.match(path.name)
         if m and m.group(1) == table:
             found.append((int(m.group(2)), int(m.group(3)), path))
@@ -150,10 +157,11 @@ class _Vanished(Exception):
     """A file listed a moment ago is gone: a merge or a compaction removed it; the read starts again."""
 
 
-def read_file(path: str | Path) -> pa.Table:
+def read_file(path: str | Path | ObjectPath) -> pa.Table:
     """One Parquet file, read through one open handle: ``pq.read_table(path)`` opens the path twice (its schema,
     then its data), and a file replaced in between (trials.parquet, rewritten while the study runs) reads torn."""
-    with pa.OSFile(str(path)) as f:
+    path = location(path)
+    with path.open_input() if isinstance(path, ObjectPath) else pa.OSFile(str(path)) as f:
         return pq.read_table(f)
 
 
@@ -258,10 +266,11 @@ def _read_once(folder: Path, table: str) -> pa.Table:
     return combine(table, pieces, marks).replace_schema_metadata({k: v for k, v in meta.items() if k != THROUGH})
 
 
-def read_folder(folder: str | Path, table: str = "trials", attempts: int = 50) -> pa.Table:
-    """``table`` of the results folder ``folder`` (``<study_dir>/results``, or a record's folder of tables),
-    its compacted file and its parts read as one table. FileNotFoundError when it has none of them."""
-    folder = Path(folder)
+def read_folder(folder: str | Path | ObjectPath, table: str = "trials", attempts: int = 50) -> pa.Table:
+    """``table`` of the results folder ``folder`` (``<study_dir>/results``, or a record's folder of tables; a path
+    or an object-storage URI), its compacted file and its parts read as one table. FileNotFoundError when it has
+    none of them."""
+    folder = location(folder)
     for attempt in range(attempts):
         try:
             return _read_once(folder, table)
@@ -275,10 +284,10 @@ def read_folder(folder: str | Path, table: str = "trials", attempts: int = 50) -
 def read_table(study_dir: str | Path, table: str = "trials") -> pa.Table:
     """``table`` (``trials``, ``epochs`` or ``events``) of the study in ``study_dir``, whole and deduplicated,
     also while the study runs; FileNotFoundError when it has not been written yet."""
-    return read_folder(Path(study_dir) / "results", table)
+    return read_folder(location(study_dir) / "results", table)
 
 
-def read(study_dir: Path, table: str = "trials") -> pa.Table:
+def read(study_dir: Path | ObjectPath, table: str = "trials") -> pa.Table:
     return read_table(study_dir, table)
 
 
@@ -362,6 +371,8 @@ class ResultsWriter(Callback):
 
     def __init__(self, spec: StudySpec, *, clock=time.monotonic, **settings) -> None:
         self.study, self.out, self.logs = spec.name, spec.study_dir / "results", spec.study_dir / "logs"
+        # Ray names a checkpoint in object storage by its path in the bucket: the table gives the whole URI
+        self.scheme = f"{self.out.kind}://" if isinstance(self.out, ObjectPath) else ""
         self.params, self.epochs = spec.params, spec.train_config().epochs
         self.resources = spec.resources
         self.schemas = {"trials": _with_version(trials_schema(self.params), "trials"),
@@ -377,7 +388,7 @@ class ResultsWriter(Callback):
                       "compactions": 0, "files_read": 0}
         self._loaded = False  # the state below is loaded on first use, after unpickling
 
-    _STATE = ("trial_pos", "trial_cols", "history", "buffer", "buffered_since", "buffered_trials", "open_parts",
+    _STATE = ("trial_pos", "trial_cols", "history", "buffer", "buffered_since", "open_parts",
               "trials_dirty", "trials_written", "seq")
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with its experiment: the state is reloaded from files
@@ -396,7 +407,6 @@ class ResultsWriter(Callback):
         self.history: dict[str, _History] = {}
         self.buffer: dict[str, list[dict]] = {"epochs": [], "events": []}
         self.buffered_since: float | None = None
-        self.buffered_trials: set[str] = set()  # trials with rows in the buffer
         self.open_parts: list[_Part] = []
         self.trials_dirty, self.trials_written = False, -math.inf
         self.out.mkdir(parents=True, exist_ok=True)
@@ -455,7 +465,7 @@ class ResultsWriter(Callback):
         for name in ("events", "epochs"):  # events first: a reader lists the epochs parts before the events parts
             if tables[name].num_rows:
                 self._write(name, tables[name], part_name(name, seq, seq))
-        self.buffer, self.buffered_since, self.buffered_trials = {"epochs": [], "events": []}, None, set()
+        self.buffer, self.buffered_since = {"epochs": [], "events": []}, None
         self.open_parts.append(_Part(seq, seq, 0, tables["epochs"], tables["events"]))
         self._merge()
 
@@ -559,16 +569,16 @@ class ResultsWriter(Callback):
             self.buffer["events"].append(event)
             h.events[(event.get("step"), event.get("kind"), event.get("layer"))] = event.get("epoch")
         self._update_trial(trial, "running", result)
-        if result.get("checkpoint_path") and tid in self.buffered_trials:
-            # A checkpoint came with it: a trial restored from it reports this epoch again, and the later ones,
-            # but none before, so the trial's earlier rows still buffered are written now (with the rest of the
-            # buffer; the trials table keeps its throttle: a restored trial's reports rewrite its row).
+        if result.get("checkpoint_path"):
+            # A checkpoint came with it: a trial restored from it goes on after this epoch, so this row and the
+            # trial's earlier ones must not die in the buffer with the driver; written now with the rest of the
+            # buffer (a part per checkpointed report; the merges keep the files few). The trials table keeps its
+            # throttle: a restored trial's reports rewrite its row.
             self._flush_rows()
-        self.buffered_trials.add(tid)
         self._maybe_flush()
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        if self._loaded and trial.trial_id in self.buffered_trials:  # as above, for a checkpoint Tune registers
+        if self._loaded and self.buffer["epochs"]:  # as above, for a checkpoint Tune registers
             self._flush_rows()
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -620,11 +630,14 @@ class ResultsWriter(Callback):
             "time_total_s": number(result.get("time_total_s")),
             "workers": res.workers, "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
             # TuneReportCallback adds the path to the results that came with a checkpoint: keep the latest.
-            "checkpoint": result.get("checkpoint_path") or (self.trial_cols["checkpoint"][pos] if pos is not None
-                                                            else None),
+            "checkpoint": self._uri(result.get("checkpoint_path")) or (self.trial_cols["checkpoint"][pos]
+                                                                       if pos is not None else None),
             "error": error,
         })
         self.trials_dirty = True
+
+    def _uri(self, path: str | None) -> str | None:
+        return f"{self.scheme}{path}" if path and self.scheme and "://" not in path else path
 
     def _set_trial(self, row: dict) -> None:
         pos = self.trial_pos.get(row["trial_id"])
@@ -691,20 +704,25 @@ class Results:
         return sorted({p.parent.parent.name for p in self.files["trials"]})
 
 
-def _dataset(files: list[Path]):
+def _dataset(files: list[Path | ObjectPath]):
     import pyarrow.dataset as ds
 
     if not files:
         return ds.dataset(pa.table({}))
-    schema = pa.unify_schemas([pq.read_schema(f).remove_metadata() for f in files], promote_options="permissive")
-    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+    remote = isinstance(files[0], ObjectPath)  # one filesystem: the files of one study, or one root
+    fs, names = (files[0].fs, [f.key for f in files]) if remote else (None, [str(f) for f in files])
+    schema = pa.unify_schemas([pq.read_schema(n, filesystem=fs).remove_metadata() for n in names],
+                              promote_options="permissive")
+    return ds.dataset(names, schema=schema, format="parquet", filesystem=fs)
 
 
-def open(path: str | Path) -> Results:  # the documented name, study.results.open; shadows the builtin here
-    """The results under ``path``: a study directory (``<storage>/<name>``) or a root holding several."""
-    path = Path(path)
+def open(path: str | Path | ObjectPath) -> Results:  # the documented name, study.results.open; shadows the builtin
+    """The results under ``path``: a study directory (``<storage>/<name>``) or a root holding several; a path or
+    an object-storage URI (``s3://bucket/prefix/name``)."""
+    path = location(path)
     here = path / "results"
-    dirs = [here] if here.is_dir() else sorted(p for p in path.glob("*/results") if p.is_dir())
+    dirs = [here] if here.is_dir() else sorted((p / "results" for p in path.iterdir() if (p / "results").is_dir()),
+                                               key=str)
     if not dirs:
         raise FileNotFoundError(f"{path}: no results (expected {here}/*.parquet or <study>/results/ below it)")
     return Results(dirs)

@@ -1,10 +1,12 @@
 """Run a study: Ray Tune + Optuna over trials, each trial a Ray Train TorchTrainer (Train V2 pattern).
 
-Layout under ``storage/name``: ``study.yaml`` (the resolved study, what ``resume`` / ``extend`` / ``status``
-read), ``tune/`` (Tune's experiment; ``tune-2/``, ... for each ``extend``), ``train/<trial_id>/`` (each trial's
-Train run and checkpoints, named by trial id so a restarted trial finds its own checkpoint), ``optuna.db`` (the
-Optuna study, readable by optuna-dashboard; ``optuna.journal`` for a study on NFS, or the database that
-``search.storage`` names: study/optuna_storage.py) and ``results/*.parquet`` (study/results.py).
+Layout under ``storage/name`` (a folder, or a prefix in object storage: data/store.py): ``study.yaml`` (the
+resolved study, what ``resume`` / ``extend`` / ``status`` read), ``tune/`` (Tune's experiment; ``tune-2/``, ...
+for each ``extend``), ``train/<trial_id>/`` (each trial's Train run and checkpoints, named by trial id so a
+restarted trial finds its own checkpoint), ``optuna.db`` (the Optuna study, readable by optuna-dashboard;
+``optuna.journal`` for a study on NFS, or the database that ``search.storage`` names: study/optuna_storage.py;
+in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log) and
+``results/*.parquet`` (study/results.py).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from ray.train.v2.api.exceptions import ControllerError, PreemptionError, Worker
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from data.atomic import write_text
+from data import store
 from data.datasets import prepare
+from data.store import ObjectPath, check_writable, is_remote, location
 from search_spaces import define_by_run
 from study import results
 from study.cluster import connect, ray_logs_dir
+from study.mirror import Mirror, pull
 from study.optuna_storage import check_storage, open_storage, settle_default
 from study.progress import ProgressLine
 from study.search import StudySearch, close_orphans, sampler
@@ -45,9 +49,23 @@ SPEC_FILE = "study.yaml"
 
 
 def prepare_data(spec: StudySpec) -> dict[str, str]:
-    """Convert the study's dataset to FFCV files (a no-op when they are up to date)."""
-    paths = prepare(spec.dataset, Path(spec.data_dir).resolve())
+    """Convert the study's dataset to FFCV files (a no-op when they are up to date); a ``data_dir`` in object
+    storage gets them from this machine's cache, and each worker copies them to its node (data/remote.py)."""
+    if is_remote(spec.data_dir):
+        from data.remote import prepare_remote
+
+        paths = prepare_remote(spec.dataset, spec.data_dir)
+    else:
+        paths = prepare(spec.dataset, Path(spec.data_dir).resolve())
     return {"train_path": str(paths["train"]), "test_path": str(paths["test"])}
+
+
+def check_locations(spec: StudySpec) -> None:
+    """Refuse, in one line naming the setting, a ``storage`` or ``data_dir`` in object storage that cannot be
+    written (an unreachable endpoint, a missing bucket, refused credentials), before Ray starts."""
+    for key, where in (("storage", spec.study_dir), ("data_dir", spec.data_dir)):
+        if why := check_writable(location(where), f"{spec.source}: {key}"):
+            raise SpecError(why)
 
 
 def lost_process(error: BaseException) -> bool:
@@ -71,10 +89,10 @@ def _died(error: BaseException) -> bool:
     return isinstance(error, RayActorError)
 
 
-def failed_marker(logs_dir: str, trial_id: str) -> Path:
-    """Where a trial that raised says so: a retry of its driver then fails at once instead of training into the
-    same exception again (``resume`` removes the markers: it retries failed trials on purpose)."""
-    return Path(logs_dir) / f".{trial_id}.failed"
+def failed_marker(logs_dir: str, trial_id: str) -> Path | ObjectPath:
+    """Where a trial that raised says so: a retry of its driver (on any node) then fails at once instead of
+    training into the same exception again (``resume`` removes the markers: it retries failed trials on purpose)."""
+    return location(logs_dir) / f".{trial_id}.failed"
 
 
 def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], train_dir: str, logs_dir: str) -> None:
@@ -113,24 +131,22 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
 
-    log = Path(logs_dir) / f"{trial_id}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = location(logs_dir) / f"{trial_id}.log"
     for attempt in range(resources.retries + 1):
         try:
             trainer().fit()
             return
         except Exception as e:
             lost = lost_process(e)
-            with log.open("a") as f:
-                if lost and attempt < resources.retries:
-                    f.write(f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
-                            f"{attempt + 1} of {resources.retries} from the latest checkpoint\n")
-                    continue
-                # Tune's error file holds this too, but in the middle of the experiment's files; the workers'
-                # own tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
-                f.write(f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole output: "
-                        f"{Path(logs_dir) / 'ray.log'} (lines marked with its pid; the terminal with --verbose) "
-                        f"and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
+            if lost and attempt < resources.retries:
+                store.append_text(log, f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
+                                       f"{attempt + 1} of {resources.retries} from the latest checkpoint\n")
+                continue
+            # Tune's error file holds this too, but in the middle of the experiment's files; the workers' own
+            # tracebacks, which Ray Train cuts to 1000 characters here, are whole in their output.
+            store.append_text(log, f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole "
+                                   f"output: {location(logs_dir) / 'ray.log'} (lines marked with its pid; the "
+                                   f"terminal with --verbose) and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
             if not lost:
                 marker.write_text(traceback.format_exc().strip().splitlines()[-1])
             raise
@@ -179,34 +195,42 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
         run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.retries),
                                   callbacks=callbacks if callbacks is not None else
-                                  [results.ResultsWriter(spec), ProgressLine(spec, max_concurrent)]),
+                                  [results.ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
     )
 
 
-def experiments(study_dir: Path) -> list[Path]:
+def experiments(study_dir: Path | ObjectPath) -> list[Path | ObjectPath]:
     """The study's Tune experiments in the order they ran (``tune``, ``tune-2``, ...)."""
     found = [p for p in study_dir.glob("tune*") if p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.partition("-")[2] or 1))
 
 
 def open_study(name_or_dir: str, storage: str = "runs") -> StudySpec:
-    """The resolved study saved by ``launch``: ``name_or_dir`` is a study directory or a name under storage."""
-    candidates = [Path(name_or_dir), Path(storage) / name_or_dir]
+    """The resolved study saved by ``launch``: ``name_or_dir`` is a study directory (a path or an object-storage
+    URI) or a name under ``storage``."""
+    candidates = [location(name_or_dir)] + ([] if "://" in name_or_dir else [location(storage) / name_or_dir])
     for study_dir in candidates:
-        if (study_dir / SPEC_FILE).is_file():
-            return load_spec(study_dir / SPEC_FILE)
+        try:
+            found = (study_dir / SPEC_FILE).is_file()
+        except OSError as e:  # object storage that cannot be read: a missing bucket, refused credentials, ...
+            raise SpecError(store.problem(study_dir, name_or_dir, e)) from None
+        if found:
+            spec = load_spec(study_dir / SPEC_FILE)
+            pull(spec)  # a study in object storage: its Optuna file, when this machine has none or an older one
+            return spec
     raise SpecError(f"{name_or_dir}: no study found (looked for {' and '.join(str(c / SPEC_FILE) for c in candidates)}"
                     f"); give a study directory or a name under --storage")
 
 
 def save_spec(spec: StudySpec) -> None:
     spec.study_dir.mkdir(parents=True, exist_ok=True)
-    write_text(spec.study_dir / SPEC_FILE, yaml.safe_dump(snapshot(spec), sort_keys=False))
+    store.write_text(spec.study_dir / SPEC_FILE, yaml.safe_dump(snapshot(spec), sort_keys=False))
 
 
 def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True) -> pa.Table:
     """Run a new study ``spec`` to the end; returns the trials table. Without ``verbose``, the terminal shows
     only the progress lines (Ray's output goes to ``<study_dir>/logs/ray.log``)."""
+    check_locations(spec)  # an unreachable bucket is one line here, before Ray starts
     if experiments(spec.study_dir):
         raise SpecError(f"{spec.source}: name: study {spec.name!r} already exists in {spec.study_dir}; "
                         f"`ssl-study resume {spec.name}` continues it, `ssl-study extend {spec.name} --trials N` "
@@ -222,9 +246,11 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
 
 def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = True) -> pa.Table:
     """Continue an interrupted study: ended trials stay as they are, the others go on from their checkpoints."""
+    check_locations(spec)
     found = experiments(spec.study_dir)
     if not found or not tune.Tuner.can_restore(str(found[-1])):
         raise SpecError(f"{spec.study_dir}: nothing to resume (no Tune experiment state); launch the study instead")
+    pull(spec)
     check_storage(spec)
     for marker in (spec.study_dir / "logs").glob(".*.failed"):  # resume retries failed trials: all of them
         marker.unlink()
@@ -240,10 +266,12 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
     """Add ``trials`` trials to a study; the sampler starts from every trial the Optuna storage holds."""
     if trials < 1:
         raise SpecError(f"--trials: must be >= 1, got {trials}")
+    check_locations(spec)
     found = experiments(spec.study_dir)
     spec.search.num_samples = trials
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
+    pull(spec)
     check_storage(spec)
     spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
     with connect(spec, address, verbose) as max_concurrent:

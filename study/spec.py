@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from data.store import ObjectPath, is_remote, local_copy_dir, location, uri_problem
 from search_spaces import Param, SpaceError, flatten, parse_space
 from search_spaces.presets import PRESETS, apply_preset
 from study import DEFAULT_STUDY
@@ -78,8 +79,12 @@ class StudySpec:
     preset: str | None = None  # a paper study from search_spaces/presets.py; this file's keys override it
     preset_scale: float = 1.0  # the preset's batch sizes times this (the paper's are 1k-6k)
     dataset: str = "fashion_mnist"  # fashion_mnist, mnist, or an ImageNet-style image folder (data/datasets.py)
-    data_dir: str = "datasets"  # converted FFCV files; relative paths are taken from the working directory
-    storage: str = "runs"  # storage/name holds results, checkpoints, the Optuna database: a path (NFS on clusters)
+    # Converted FFCV files: a path (relative: to the working directory) or s3:// / gs:// (copied to each node's
+    # disk: data/remote.py).
+    data_dir: str = "datasets"
+    # storage/name holds results, checkpoints, the Optuna database: a path (NFS on clusters) or an object-storage
+    # prefix, s3://bucket/prefix or gs://bucket/prefix (data/store.py).
+    storage: str = "runs"
     train: dict = field(default_factory=dict)  # overrides of trainers.config.TrainConfig
     resources: Resources = field(default_factory=Resources)
     search: Search = field(default_factory=Search)
@@ -88,16 +93,29 @@ class StudySpec:
     source: str = ""  # the file this spec came from (set by the loader)
 
     @property
-    def study_dir(self) -> Path:
-        return Path(self.storage).resolve() / self.name
+    def study_dir(self) -> Path | ObjectPath:
+        """Where the study's files are: a folder, or a prefix in object storage (``str()`` of it is what Ray takes)."""
+        return location(resolved(self.storage)) / self.name
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.storage)
+
+    @property
+    def local_dir(self) -> Path:
+        """This machine's folder for what has to be on a disk: the study directory itself, or for a study in object
+        storage its mirror in this machine's cache (the driver's Ray log, a report's figures, the default Optuna
+        SQLite file, which study/mirror.py copies to and from the study's prefix)."""
+        study_dir = self.study_dir
+        return local_copy_dir(study_dir, kind="studies") if isinstance(study_dir, ObjectPath) else study_dir
 
     @property
     def optuna_url(self) -> str:
         """The Optuna storage URL: search.storage (``journal``: the study's own journal file), else the study's own
         SQLite file. study/optuna_storage.py opens it."""
         if self.search.storage == "journal":
-            return f"journal://{self.study_dir / 'optuna.journal'}"
-        return self.search.storage or f"sqlite:///{self.study_dir / 'optuna.db'}"
+            return f"journal://{self.local_dir / 'optuna.journal'}"
+        return self.search.storage or f"sqlite:///{self.local_dir / 'optuna.db'}"
 
     @property
     def params(self) -> list[Param]:
@@ -188,8 +206,12 @@ def validate(spec: StudySpec) -> StudySpec:
     _check_positive(spec.preset_scale, f"{src}: preset_scale")
     from data.datasets import DatasetError, check
 
-    try:
-        check(spec.dataset, Path(spec.data_dir))
+    for key in ("data_dir", "storage"):
+        if why := uri_problem(getattr(spec, key)):
+            raise SpecError(f"{src}: {key}: {why}")
+    try:  # a data_dir in object storage: the files are converted in this machine's cache, then published
+        check(spec.dataset, local_copy_dir(location(spec.data_dir), kind="data") if is_remote(spec.data_dir)
+              else location(spec.data_dir))
     except DatasetError as e:
         raise SpecError(f"{src}: dataset: {e}") from None
     train = spec.train
@@ -234,9 +256,6 @@ def validate(spec: StudySpec) -> StudySpec:
 
         if why := url_problem(s.storage):
             raise SpecError(f"{src}: search.storage: {why}")
-    if "://" in spec.storage:
-        raise SpecError(f"{src}: storage: {spec.storage!r}: give a path (on clusters, an NFS mount shared by "
-                        f"every node); object-store URLs are not supported yet")
     _check_positive(s.num_samples, f"{src}: search.num_samples")
     _check_positive(s.startup_trials, f"{src}: search.startup_trials")
     if s.max_concurrent is not None:
@@ -268,20 +287,26 @@ def validate(spec: StudySpec) -> StudySpec:
     return spec
 
 
+def resolved(where: str) -> str:
+    """A location as the saved study names it: an absolute path (``file://`` dropped), or the bare URI."""
+    place = location(where)
+    return str(place) if isinstance(place, ObjectPath) else str(place.resolve())
+
+
 def snapshot(spec: StudySpec) -> dict:
     """The resolved study as a study-file mapping (preset applied, paths absolute): saved next to the results."""
     data = dataclasses.asdict(spec)
     del data["source"]
-    data.update(preset=None, preset_scale=1.0, storage=str(Path(spec.storage).resolve()),
-                data_dir=str(Path(spec.data_dir).resolve()))
+    data.update(preset=None, preset_scale=1.0, storage=resolved(spec.storage), data_dir=resolved(spec.data_dir))
     if Path(spec.dataset).exists():  # an image folder, not a built-in name
         data["dataset"] = str(Path(spec.dataset).resolve())
     return data
 
 
-def load_spec(path: str | Path | None = None) -> StudySpec:
-    """Read and validate a study file (the bundled default study when ``path`` is None)."""
-    path = Path(path) if path is not None else DEFAULT_STUDY
+def load_spec(path: str | Path | ObjectPath | None = None) -> StudySpec:
+    """Read and validate a study file (the bundled default study when ``path`` is None; a saved study may be in
+    object storage)."""
+    path = location(path) if path is not None else DEFAULT_STUDY
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

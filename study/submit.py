@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from data.store import is_remote, location
 from study.spec import SpecError, StudySpec, load_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +51,10 @@ def check_for_cluster(spec: StudySpec) -> None:
     """Relative paths would land in the job's temporary copy of the working directory on the head node."""
     for key in ("storage", "data_dir"):
         value = getattr(spec, key)
-        if not Path(value).is_absolute():
+        if not is_remote(value) and not location(value).is_absolute():
             raise SpecError(f"{spec.source}: {key}: {value!r} is not an absolute path; a Ray job runs in a "
                             f"temporary copy of the code, so give a path on storage every node mounts "
-                            f"(e.g. /mnt/shared/{Path(value).name or key}; URLs such as s3:// are not supported)")
+                            f"(e.g. /mnt/shared/{Path(value).name or key}) or s3://bucket/prefix")
 
 
 def job_request(spec_path: str | Path, working_dir: str | Path = REPO_ROOT) -> tuple[str, dict]:
@@ -127,8 +128,8 @@ def submit(spec_path: str | Path, address: str, *, wait: bool = True, job_id: st
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="study file (YAML); storage and data_dir must be absolute paths on "
-                                     "storage every node of the cluster mounts")
+    parser.add_argument("spec", help="study file (YAML); storage and data_dir must be s3:// / gs:// URIs or "
+                                     "absolute paths on storage every node of the cluster mounts")
     default = os.environ.get("RAY_API_SERVER_ADDRESS")
     parser.add_argument("--address", default=default, required=default is None,
                         help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")

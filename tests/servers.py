@@ -1,4 +1,4 @@
-"""Real servers for the tests: a throwaway PostgreSQL cluster and Ray nodes on 127.0.0.1.
+"""Real servers for the tests: a throwaway PostgreSQL cluster, an S3-compatible server and Ray nodes on 127.0.0.1.
 
 ``with postgres_server(tmp_path) as pg:`` initialises a cluster (``initdb``), starts it on a free port of
 127.0.0.1 only (its socket in its own folder), creates the database ``pg.database``, and at the end stops the
@@ -8,12 +8,18 @@ every connection): tests give it through ``PGPASSWORD``, as a study does; ``pg.u
 PostgreSQL refuses to run as root: as root (CI, these machines) initdb and the server run as ``nobody``, in a
 folder under the system's temporary directory that ``nobody`` owns (pytest's own temporary folders are
 private to root). scripts/setup_system.sh installs PostgreSQL (Debian's ``postgresql``).
+
+``with s3_server(tmp_path) as s3:`` starts moto's standalone S3 server (``python -m moto.server``, a PyPI
+package) on a free port of 127.0.0.1 with authentication on: it creates an IAM user with a fresh access key and
+one bucket, ``s3.bucket``; ``s3.env`` is what a client needs in its environment (``AWS_ENDPOINT_URL`` and that
+key), for a test to set with ``monkeypatch.setenv``. The server and all it holds are gone at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -245,3 +251,67 @@ def alive_nodes(head: RayNode) -> list[dict]:
         if answer.ok:
             return [n for n in answer.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
     return []
+
+
+# ------------------------------------------------------------------------------------------ an S3 server
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    log_path: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client of this server needs in its environment (the study reads nothing else)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+SETUP_REQUESTS = 3  # IAM requests the server takes unauthenticated: create a user, its key and its policy
+
+
+@contextmanager
+def s3_server(tmp_path: Path, bucket: str = "ssl-study-test") -> Iterator[S3Server]:
+    """moto's S3 server with authentication on, for the block (see the module's docstring)."""
+    import boto3
+
+    port = _free_port()
+    log = Path(tmp_path) / "moto.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(SETUP_REQUESTS)  # then every request must be signed by a known key
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                requests.get(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except requests.ConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start:\n{log.read_text()}") from None
+                time.sleep(0.2)
+        anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
+                     "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **anonymous)
+        iam.create_user(UserName="ssl-study")
+        key = iam.create_access_key(UserName="ssl-study")["AccessKey"]
+        iam.put_user_policy(UserName="ssl-study", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        server = S3Server(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"], log)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=server.access_key,
+                     aws_secret_access_key=server.secret_key).create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -372,11 +372,12 @@ def test_rows_are_buffered_between_flushes(tmp_path):
     writer.on_trial_complete(0, [], trials[0])  # a trial's end writes at once
     assert results.read_table(spec.study_dir, "epochs").num_rows == 7
     assert {r["trial_id"]: r["status"] for r in results.read_table(spec.study_dir).to_pylist()}["t0"] == "pruned"
-    # A result with a checkpoint: a trial restored from it reports that epoch again, and the later ones, but no
-    # earlier one. Nothing of t1 waits in the buffer: it stays buffered.
+    # A result with a checkpoint: a trial restored from it goes on after that epoch, so its row and everything
+    # buffered before it are written at once (a driver killed now loses none of them).
     checkpoint = {"checkpoint_path": str(tmp_path / "checkpoint")}
-    writer.on_trial_result(0, [], trials[1], {**result_for(rng, "t1", 3, 0), **checkpoint})
     writer.on_trial_result(0, [], trials[2], result_for(rng, "t2", 3, 0))
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 7
-    writer.on_trial_result(0, [], trials[2], {**result_for(rng, "t2", 4, 0), **checkpoint})  # t2's epoch 3 waits
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 10  # so everything buffered is written now
+    assert results.read_table(spec.study_dir, "epochs").num_rows == 7  # no checkpoint: buffered
+    writer.on_trial_result(0, [], trials[1], {**result_for(rng, "t1", 3, 0), **checkpoint})
+    assert results.read_table(spec.study_dir, "epochs").num_rows == 9  # t1's checkpointed epoch and t2's
+    writer.on_trial_result(0, [], trials[2], {**result_for(rng, "t2", 4, 0), **checkpoint})
+    assert results.read_table(spec.study_dir, "epochs").num_rows == 10

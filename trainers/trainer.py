@@ -107,8 +107,10 @@ def ffcv_loaders(cfg: TrainConfig, device: torch.device) -> Loaders:
     """The run's FFCV loaders, built once and reused every epoch (each new one costs a numba compile)."""
     from data.convert import read_metadata
     from data.loaders import eval_loader, ssl_loader
+    from data.remote import local_beton
 
-    train, test = Path(cfg.train_path), Path(cfg.test_path)
+    # An object-storage URI (data_dir: s3://...) becomes this node's copy: FFCV memory-maps local files only.
+    train, test = Path(local_beton(cfg.train_path)), Path(local_beton(cfg.test_path))
     meta, test_count = read_metadata(train), read_metadata(test)["count"]
     world = dist.world_size()
     common = {"num_workers": cfg.loader_workers, "distributed": world > 1, "device": device}

@@ -37,6 +37,8 @@ def param_importance(spec: StudySpec, study_dir: Path) -> tuple[dict[str, float]
     it is not installed here): it is named explicitly so that a change of default does not bring that need back.
     Only COMPLETE trials count: trials ASHA or the instability policy stopped are PRUNED in the storage.
     """
+    if spec.remote:  # its Optuna file is on this machine (study/mirror.py pulled it)
+        study_dir = spec.local_dir
     if spec.search.storage == "journal":  # the study's own journal file where the directory is now
         journal = study_dir / "optuna.journal"
         if not journal.is_file():  # opening it would create it

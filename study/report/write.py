@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from data.atomic import write_text
+from data.store import ObjectPath, location
 from study.report.data import load
 from study.report.grid import heatmap_params
 from study.report.page import render_html
@@ -25,20 +26,23 @@ def _output_dir(out: Path) -> Path:
     return out
 
 
-def write_report(study_dir: Path, *, params: tuple[str, str] | None = None, out: Path | None = None,
+def write_report(study_dir: Path | ObjectPath, *, params: tuple[str, str] | None = None, out: Path | None = None,
                  spec: StudySpec | None = None) -> Path:
     """Write the figures and ``report.html`` of the study in ``study_dir``; return the HTML path.
 
     ``spec`` defaults to the resolved study saved in ``study_dir`` (``study.yaml``); ``params`` names the heat
     map's axes (x, y); ``out`` defaults to ``<study_dir>/report``. Bad input (no results, an unreadable table,
-    an unknown parameter, an unwritable ``out``) is a SpecError before anything is written.
+    an unknown parameter, an unwritable ``out``) is a SpecError before anything is written. A study in object
+    storage is read from there; its report is written on this machine (``spec.local_dir/report`` by default) and
+    uploaded to ``<study_dir>/report``.
     """
-    study_dir = Path(study_dir)
+    study_dir = location(study_dir)
     if spec is None:
         spec = load_spec(study_dir / "study.yaml")
     data = load(study_dir, spec)
     heat = heatmap_params(data, params)
-    out = _output_dir(Path(out) if out is not None else study_dir / "report")
+    remote = isinstance(study_dir, ObjectPath)
+    out = _output_dir(Path(out) if out is not None else (spec.local_dir if remote else study_dir) / "report")
     # The figure modules import matplotlib: only now that the input is known good, and not when the package is
     # imported (the CLI imports it to build its parser: `ssl-study --help` stays fast).
     from study.report.curves import plot_curves
@@ -59,4 +63,8 @@ def write_report(study_dir: Path, *, params: tuple[str, str] | None = None, out:
         if path is None:  # a figure of an earlier report that this one could not draw must not linger
             (out / f"{fid}.png").unlink(missing_ok=True)
     written = {fid: path for fid, path in drawn.items() if path is not None}
-    return write_text(out / "report.html", render_html(data, written, heat, note))
+    page = write_text(out / "report.html", render_html(data, written, heat, note))
+    if remote:
+        for path in [*written.values(), page]:
+            (study_dir / "report" / Path(path).name).upload(Path(path))
+    return page
