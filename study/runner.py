@@ -168,7 +168,7 @@ def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = 
                        sampler=sampler(spec), study_name=spec.name,
                        storage=storage or open_storage(spec),
                        epochs=spec.train_config().epochs, constraints=spec.search.constraints,
-                       rerun_duplicates=spec.search.rerun_duplicates)
+                       rerun_duplicates=spec.search.rerun_duplicates, spec=None if storage else spec)
 
 
 def build_scheduler(spec: StudySpec):

@@ -68,12 +68,25 @@ class StudySearch(OptunaSearch):
     """
 
     def __init__(self, *args, epochs: int, constraints: bool = False, rerun_duplicates: bool = False,
-                 **kwargs) -> None:
+                 spec: StudySpec | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.epochs = epochs
         self.constraints = constraints
         self.rerun_duplicates = rerun_duplicates
+        self.spec = spec  # whose Optuna storage a restored searcher reopens (None: keep the pickled one)
         self._flagged: set[str] = set()
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's state of a resumed study, with the Optuna study reopened where this machine has it: the
+        pickled one names the storage of the driver that saved it, and a study in object storage keeps its
+        Optuna file in that machine's cache (study/mirror.py), which a new head node does not have."""
+        super().restore(checkpoint_path)
+        if self.spec is None:
+            return
+        self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=open_storage(self.spec),
+                                           sampler=self._ot_study.sampler)
+        for trial in self._ot_trials.values():  # asked before the save: their reports and tells go here too
+            trial.study, trial.storage = self._ot_study, self._ot_study._storage
 
     def suggest(self, trial_id: str) -> dict | None:
         for attempt in range(MAX_REASKS):

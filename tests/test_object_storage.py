@@ -7,6 +7,7 @@ bucket) is launched, its driver killed, resumed, extended from a machine with an
 environment only: no object and no file of the study holds the secret key.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,12 +20,13 @@ import pyarrow as pa
 import pytest
 import ray
 import yaml
-from servers import free_ports, s3_server
+from servers import free_ports, postgres_server, s3_server
 
 import data.store
 from data.store import ObjectPath, location
 from study import cluster, results
 from study.cli import main
+from study.optuna_storage import open_storage
 from study.results import read_folder, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,17 +142,24 @@ def _objects(s3) -> dict[str, bytes]:
     return {k: client.get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in keys}
 
 
-@pytest.fixture(scope="module")
-def s3_study(s3, tmp_path_factory):
-    """Launched from the CLI in its own process with its data_dir in the bucket too, killed once its first trial
-    has a checkpointed epoch, resumed here, then extended by one trial from a machine with an empty cache."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def s3_study(request, s3, tmp_path_factory):
+    """Launched from the CLI in its own process with its data_dir in the bucket too and its Optuna study in the
+    default SQLite file (mirrored to the bucket) or in a PostgreSQL server (cluster/README.md's study), killed
+    once its first trial has a checkpointed epoch, resumed here as on a new head node (an empty cache), then
+    extended by one trial from yet another machine."""
     root = tmp_path_factory.mktemp("s3study")
-    uri = f"s3://{s3.bucket}/studies/{STUDY['name']}"
-    path = root / "study.yaml"
-    path.write_text(yaml.safe_dump({**STUDY, "storage": f"s3://{s3.bucket}/studies",
-                                    "data_dir": f"s3://{s3.bucket}/datasets"}))
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**s3.env, "SSL_STUDY_CACHE": str(root / "cache")}.items():
+    name = f"on-s3-{request.param}"
+    uri = f"s3://{s3.bucket}/studies/{name}"
+    with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
+        search, env = dict(STUDY["search"]), {**s3.env, "SSL_STUDY_CACHE": str(root / "cache")}
+        if request.param == "postgresql":
+            pg = stack.enter_context(postgres_server(root))
+            search["storage"], env["PGPASSWORD"], env["PGPASSFILE"] = pg.url, pg.password, "/nonexistent/.pgpass"
+        path = root / "study.yaml"
+        path.write_text(yaml.safe_dump({**STUDY, "name": name, "search": search,
+                                        "storage": f"s3://{s3.bucket}/studies", "data_dir": f"s3://{s3.bucket}/datasets"}))
+        for key, value in env.items():
             mp.setenv(key, value)
         data.store._filesystem.cache_clear()
         driver = subprocess.Popen([sys.executable, "-m", "study", "launch", str(path)], cwd=root,
@@ -164,6 +173,8 @@ def s3_study(s3, tmp_path_factory):
         driver.wait()
         killed = _rows(uri)
         time.sleep(2)  # let the killed session's processes go
+        # The head node was lost with the driver: resume on a new one, whose cache is empty.
+        mp.setenv("SSL_STUDY_CACHE", str(root / "new-head"))
         cluster.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
         try:
             assert main(["resume", uri]) == 0
@@ -172,12 +183,14 @@ def s3_study(s3, tmp_path_factory):
             assert main(["extend", uri, "--trials", "1"]) == 0
         finally:
             ray.shutdown()
-        yield uri, root, killed, resumed
+        yield uri, root, killed, resumed, search.get("storage"), env.get("PGPASSWORD")
 
 
 @pytest.mark.cluster
-def test_a_study_in_s3_survives_its_driver_and_is_extended_elsewhere(s3_study, s3env):
-    uri, root, killed, resumed = s3_study
+def test_a_study_in_s3_survives_its_driver_and_is_extended_elsewhere(s3_study, s3env, monkeypatch):
+    uri, root, killed, resumed, server, password = s3_study
+    if password:
+        monkeypatch.setenv("PGPASSWORD", password)
     assert len(killed) == 1 and killed[0]["status"] == "running", killed
     assert len(resumed) == 2 and all(r["status"] == "completed" for r in resumed), resumed
     final = _rows(uri)
@@ -185,9 +198,12 @@ def test_a_study_in_s3_survives_its_driver_and_is_extended_elsewhere(s3_study, s
     epochs = _rows(uri, "epochs")
     assert sorted((e["trial_id"], e["epoch"]) for e in epochs) == sorted(
         (r["trial_id"], e) for r in final for e in (1, 2))  # every epoch once, none lost to the kill
-    # The machine that extended it started with an empty cache: it took the Optuna study from the bucket.
-    db = root / "another-machine" / "studies" / "s3" / s3env.bucket / "studies" / "on-s3" / "optuna.db"
-    trials = optuna.load_study(study_name="on-s3", storage=f"sqlite:///{db}").trials
+    # The machine that extended it started with an empty cache: it took the Optuna study from the bucket (or
+    # from the database server, and then no Optuna file is in the bucket).
+    name = uri.rpartition("/")[2]
+    db = root / "another-machine" / "studies" / "s3" / s3env.bucket / "studies" / name / "optuna.db"
+    assert (location(uri) / "optuna.db").exists() == db.exists() == (server is None)
+    trials = optuna.load_study(study_name=name, storage=open_storage(server or f"sqlite:///{db}")).trials
     assert [t.state for t in trials] == [STATE.COMPLETE] * 3
     assert sorted(t.value for t in trials) == pytest.approx(sorted(r["knn_top1"] for r in final))
     for row in final:  # checkpoints in the bucket, each with its exported backbone
@@ -197,10 +213,12 @@ def test_a_study_in_s3_survives_its_driver_and_is_extended_elsewhere(s3_study, s
 
 
 @pytest.mark.cluster
-def test_status_best_results_report_duckdb_and_open_read_the_bucket(s3_study, s3env, capsys):
+def test_status_best_results_report_duckdb_and_open_read_the_bucket(s3_study, s3env, capsys, monkeypatch):
     import duckdb
 
-    uri, root, *_ = s3_study
+    uri, root, *_, password = s3_study
+    if password:  # the report reads the Optuna study for its importance figure
+        monkeypatch.setenv("PGPASSWORD", password)
     final = _rows(uri)
     assert main(["status", uri]) == 0
     assert "3 of 2+ trials reported; 3 completed" in capsys.readouterr().out
@@ -219,10 +237,11 @@ def test_status_best_results_report_duckdb_and_open_read_the_bucket(s3_study, s3
     # The FFCV files went to the bucket once, and each node's copy is checked against them.
     objects = _objects(s3env)
     assert any(k.startswith("datasets/") and k.endswith(".beton") for k in objects), sorted(objects)
-    # Credentials only from the environment: no object of the study and no file it wrote holds the key.
-    secret = s3env.secret_key.encode()
-    assert not [k for k, body in objects.items() if secret in body]
-    assert not [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    # Credentials only from the environment: no object of the study and no file it wrote holds the key (nor the
+    # database's password).
+    for secret in (s3env.secret_key.encode(), *([password.encode()] if password else [])):
+        assert not [k for k, body in objects.items() if secret in body]
+        assert not [p for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
 
 
 def test_reading_commands_on_a_bucket_they_cannot_read_are_one_line(s3env, capsys, monkeypatch):
@@ -234,3 +253,15 @@ def test_reading_commands_on_a_bucket_they_cannot_read_are_one_line(s3env, capsy
         assert main([command, f"s3://{s3env.bucket}/studies/x"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "the credentials were refused" in err and "not-the-key" not in err, err
+
+
+def test_a_file_uri_is_a_plain_path_and_a_saved_study_names_the_bucket(s3env, tmp_path):
+    from study.spec import load_spec, snapshot
+
+    assert location(f"file://{tmp_path}/runs") == tmp_path / "runs" and not data.store.is_remote("file:///x")
+    spec = load_spec(study_file(tmp_path, "saved", storage=f"s3://{s3env.bucket}/studies/",
+                                 data_dir=f"file://{tmp_path}/d"))
+    assert str(spec.study_dir) == f"s3://{s3env.bucket}/studies/saved" and spec.remote
+    saved = snapshot(spec)
+    assert saved["storage"] == f"s3://{s3env.bucket}/studies" and saved["data_dir"] == str(tmp_path / "d")
+    assert spec.optuna_url.startswith(f"sqlite:///{tmp_path / 'cache' / 'studies' / 's3' / s3env.bucket}")
