@@ -76,14 +76,11 @@ def publish(local: dict[str, Path], remote_dir: str | ObjectPath) -> dict[str, s
 
 def prepare_remote(dataset: str, remote_dir: str, **convert_options) -> dict[str, str]:
     """The driver's side: convert ``dataset`` into this machine's copy of ``remote_dir`` (data.datasets.prepare:
-    a no-op when up to date), then :func:`publish` it; {"train": URI, "test": URI}. A local ``remote_dir`` is
-    prepared in place (its paths as strings). An unusable, unreachable or missing bucket is a one-line
-    DatasetError naming ``data_dir`` and the URI, before anything is converted."""
+    a no-op when up to date), then :func:`publish` it; {"train": URI, "test": URI}. An unusable, unreachable or
+    missing bucket is a one-line DatasetError naming ``data_dir`` and the URI, before anything is converted."""
     from data.datasets import prepare  # image folders, FFCV writers: only for the driver
 
     where = location(str(remote_dir))
-    if not isinstance(where, ObjectPath):
-        return {split: str(path) for split, path in prepare(dataset, where, **convert_options).items()}
     if problem := uri_problem(str(remote_dir)):
         raise DatasetError(f"data_dir: {problem}")
     if problem := check_writable(where, "data_dir"):  # 5 s at most for an unreachable endpoint

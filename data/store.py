@@ -262,6 +262,11 @@ def local_copy_dir(remote: ObjectPath, *, kind: str) -> Path:
     return cache_dir(kind, remote.kind, *remote.key.split("/"))
 
 
+def on_this_machine(where: Path | ObjectPath, *, kind: str) -> Path:
+    """The folder on this machine for what ``where`` holds: ``where`` itself, or its :func:`local_copy_dir`."""
+    return local_copy_dir(where, kind=kind) if isinstance(where, ObjectPath) else where
+
+
 def check_writable(where: Path | ObjectPath, setting: str) -> str | None:
     """Why ``where`` cannot hold a study's files (one line naming ``setting``: an unreachable endpoint, a missing
     bucket, refused credentials), or None. Writes and removes one small object; a local path is not checked here."""

@@ -88,13 +88,7 @@ class Mirror(Callback):
         self.due = True
         self._maybe_push()
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.due = True
-        self._maybe_push()
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.due = True
-        self._maybe_push()
+    on_trial_complete = on_trial_error = on_trial_start  # Optuna was told how it ended
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self._maybe_push()

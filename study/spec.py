@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from data.store import ObjectPath, is_remote, local_copy_dir, location, uri_problem
+from data.store import ObjectPath, is_remote, location, on_this_machine, uri_problem
 from search_spaces import Param, SpaceError, flatten, parse_space
 from search_spaces.presets import PRESETS, apply_preset
 from study import DEFAULT_STUDY
@@ -106,8 +106,7 @@ class StudySpec:
         """This machine's folder for what has to be on a disk: the study directory itself, or for a study in object
         storage its mirror in this machine's cache (the driver's Ray log, a report's figures, the default Optuna
         SQLite file, which study/mirror.py copies to and from the study's prefix)."""
-        study_dir = self.study_dir
-        return local_copy_dir(study_dir, kind="studies") if isinstance(study_dir, ObjectPath) else study_dir
+        return on_this_machine(self.study_dir, kind="studies")
 
     @property
     def optuna_url(self) -> str:
@@ -210,8 +209,7 @@ def validate(spec: StudySpec) -> StudySpec:
         if why := uri_problem(getattr(spec, key)):
             raise SpecError(f"{src}: {key}: {why}")
     try:  # a data_dir in object storage: the files are converted in this machine's cache, then published
-        check(spec.dataset, local_copy_dir(location(spec.data_dir), kind="data") if is_remote(spec.data_dir)
-              else location(spec.data_dir))
+        check(spec.dataset, on_this_machine(location(spec.data_dir), kind="data"))
     except DatasetError as e:
         raise SpecError(f"{src}: dataset: {e}") from None
     train = spec.train
