@@ -8,6 +8,7 @@ backward, callbacks, optimiser step, momentum update). Imports neither Ray nor F
     .venv/bin/python bench/trainer.py --gpu-config          # ViT-S/16 at 224 px, bf16, with/without compile
     .venv/bin/python bench/trainer.py --signals --methods moco_v3   # cost of the instability signals per step
     .venv/bin/python bench/trainer.py --official ../moco-v3         # ours against the official MoCo v3 step
+    .venv/bin/python bench/trainer.py --official ../moco-v3 --compile   # ... and ours under torch.compile too
 
 The baseline of each row is MoCo v3 in the same configuration, measured in the same run. ``--official DIR``
 times the official facebookresearch/moco-v3 step (a checkout you point at; a scratch copy gets the two small
@@ -107,7 +108,7 @@ def load_official(checkout: Path):
     return vits, moco.builder
 
 
-def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps: int) -> dict:
+def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps: int, compiled: bool) -> dict:
     """Images/s of the official MoCo v3 step and of ours, same architecture and batch, in interleaved rounds."""
     vits, builder = load_official(checkout)
     arch = dict(img_size=32, patch_size=4, embed_dim=192, depth=depth, num_heads=3)
@@ -127,44 +128,50 @@ def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps:
         loss.backward()
         official_opt.step()
 
-    cfg = TrainConfig(backbone="vit_tiny_patch4_32", batch_size=batch, mlp_dim=4096, dim=256, temperature=0.2,
-                      stop_grad_conv1=True, epochs=1, warmup_epochs=0.0, precision="fp32")
-    ours = Trainer(cfg, loaders=Loaders([(x1, x2, labels)] * 10**6, [], [], 10), callbacks=[],
-                   model=build_method("moco_v3", create_backbone(cfg.backbone, depth=depth, stop_grad_conv1=True),
-                                      dim=256, mlp_dim=4096, temperature=0.2))
-    n_params = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (official, ours.net)]
-    if n_params[0] != n_params[1]:  # the same model on both sides, or the ratio means nothing
-        raise SystemExit(f"trainable parameters differ: official {n_params[0]:,}, ours {n_params[1]:,}")
 
-    def ours_step(i: int) -> None:
-        ours.train_step(i, x1, x2, labels)
+    def ours(compile: bool) -> Trainer:
+        cfg = TrainConfig(backbone="vit_tiny_patch4_32", batch_size=batch, mlp_dim=4096, dim=256, temperature=0.2,
+                          stop_grad_conv1=True, epochs=1, warmup_epochs=0.0, precision="fp32", compile=compile)
+        torch.manual_seed(0)
+        return Trainer(cfg, loaders=Loaders([(x1, x2, labels)] * 10**6, [], [], 10), callbacks=[],
+                       model=build_method("moco_v3", create_backbone(cfg.backbone, depth=depth, stop_grad_conv1=True),
+                                          dim=256, mlp_dim=4096, temperature=0.2))
 
-    rates: dict[str, list[float]] = {"official": [], "ours": []}
-    for step_fn in (official_step, ours_step):  # warm-up: allocator, first-call costs
+    steps_of = {"official": official_step}
+    for name, compile in (("ours", False), ("ours compiled", True))[: 2 if compiled else 1]:
+        trainer = ours(compile)
+        n_params = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (official, trainer.net)]
+        if n_params[0] != n_params[1]:  # the same model on both sides, or the ratio means nothing
+            raise SystemExit(f"trainable parameters differ: official {n_params[0]:,}, ours {n_params[1]:,}")
+        steps_of[name] = partial(lambda t, i: t.train_step(i, x1, x2, labels), trainer)
+
+    rates: dict[str, list[float]] = {name: [] for name in steps_of}
+    for step_fn in steps_of.values():  # warm-up: allocator, first-call costs, compilation
         for i in range(2):
             step_fn(i)
     for r in range(rounds):
-        for name, step_fn in (("official", official_step), ("ours", ours_step))[:: 1 if r % 2 == 0 else -1]:
+        for name, step_fn in list(steps_of.items())[:: 1 if r % 2 == 0 else -1]:
             tic = time.perf_counter()
             for i in range(steps):
                 step_fn(i)
             rates[name].append(batch * steps / (time.perf_counter() - tic))
-    official_rate, ours_rate = statistics.median(rates["official"]), statistics.median(rates["ours"])
-    return {"depth": depth, "batch": batch, "official": official_rate, "ours": ours_rate,
-            "ratio": ours_rate / official_rate}
+    return {"depth": depth, "batch": batch, **{name: statistics.median(r) for name, r in rates.items()}}
 
 
-def compare_official(checkout: Path, rounds: int, steps: int | None) -> None:
+def compare_official(checkout: Path, rounds: int, steps: int | None, compiled: bool) -> None:
     import torch.distributed as dist
 
     # The official loss all-gathers its keys: a one-process gloo group, as a 1-GPU run of it has.
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     print(f"official {checkout} vs ours on CPU ({torch.get_num_threads()} threads), fp32, median of {rounds} "
           f"interleaved rounds")
-    print(f"{'depth':>5} {'batch':>5} {'official img/s':>15} {'ours img/s':>11} {'ours/official':>14}")
+    print(f"{'depth':>5} {'batch':>5} {'official img/s':>15} {'ours img/s':>11} {'ours/official':>14}"
+          + (f" {'compiled img/s':>15} {'compiled/official':>18}" if compiled else ""))
     for depth, batch, n in ((4, 256, steps or 3), (12, 64, steps or 3)):
-        r = official_vs_ours(checkout, depth, batch, rounds, n)
-        print(f"{r['depth']:5d} {r['batch']:5d} {r['official']:15.1f} {r['ours']:11.1f} {r['ratio']:14.2f}")
+        r = official_vs_ours(checkout, depth, batch, rounds, n, compiled)
+        print(f"{r['depth']:5d} {r['batch']:5d} {r['official']:15.1f} {r['ours']:11.1f} "
+              f"{r['ours'] / r['official']:14.2f}" + (f" {r['ours compiled']:15.1f} "
+              f"{r['ours compiled'] / r['official']:18.2f}" if compiled else ""), flush=True)
 
 
 def main() -> None:
@@ -178,10 +185,11 @@ def main() -> None:
                    help="with --gpu-config: the backbones to time (default vit_small_patch16_224)")
     p.add_argument("--official", type=Path, metavar="DIR", help="a facebookresearch/moco-v3 checkout to compare with")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --official")
+    p.add_argument("--compile", action="store_true", help="with --official: also ours under torch.compile")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     if args.official:
-        return compare_official(args.official, args.rounds, args.steps)
+        return compare_official(args.official, args.rounds, args.steps, args.compile)
     if args.gpu_config:
         device, precision = torch.device("cuda"), "bf16"
         backbones, img, batch, steps, mlp_dim, compiles = args.backbones or ["vit_small_patch16_224"], 224, \

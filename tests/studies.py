@@ -1,5 +1,7 @@
-"""Helpers for the tests that run real studies: a study file written to a temporary root, and a local Ray."""
+"""Helpers for the tests that run real studies: a study file written to a temporary root, a local Ray, and the
+stopping studies that several modules read (run once per session by ``conftest.stopping_studies``)."""
 
+from math import prod
 from pathlib import Path
 
 import ray
@@ -7,6 +9,8 @@ import yaml
 
 from study import cluster, results, runner
 from study.spec import StudySpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_study(root: Path, study: dict, data_dir: Path | None = None) -> StudySpec:
@@ -24,6 +28,24 @@ def rows(spec: StudySpec, table: str) -> list[dict]:
         return results.read_table(spec.study_dir, table).to_pylist()
     except FileNotFoundError:
         return []
+
+
+HEALTHY, DIVERGING = 1.5e-4, 1.0e4  # base_lr: AdamW makes the loss non-finite within a few steps at 1e4
+STOPPING_TRAIN = {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_dim": 64, "dim": 32,
+                  "warmup_epochs": 0.0, "train_subset": 512, "knn_bank_subset": 256, "knn_eval_subset": 256,
+                  "monitor_every": 4, "monitor_bank": 128}  # <= 4 monitor points an epoch: never "> 3 dips"
+
+
+def stopping_study(root: Path, name: str, space: dict, mode: str) -> StudySpec:
+    """A grid over ``space`` (name -> choices) of 2-worker 2-epoch trials, FIFO, stopping in ``mode``."""
+    return write_study(root, {
+        "name": name, "train": STOPPING_TRAIN,
+        "resources": {"workers": 2, "cpus_per_worker": 0.45, "driver_cpus": 0.1},
+        "search": {"space": {k: {"choice": v} for k, v in space.items()}, "sampler": "grid",
+                   "num_samples": prod(len(v) for v in space.values()), "max_concurrent": 2},
+        "scheduler": {"type": "fifo"},
+        "stopping": {"mode": mode},
+    }, data_dir=ROOT / "datasets")
 
 
 def run_studies(*specs: StudySpec) -> None:

@@ -1,5 +1,6 @@
-"""``ssl-study report`` on a real tiny study: a 2 x 2 grid of base_lr x batch_size on a real local Ray with real
-Fashion-MNIST FFCV files, one learning rate so large that its trials diverge (non-finite events, status diverged)."""
+"""``ssl-study report`` on a real tiny study (``conftest.stopping_studies``' ``enforce``): a 2 x 2 grid of
+base_lr x batch_size on a real local Ray with real Fashion-MNIST FFCV files, one learning rate so large that its
+trials diverge (non-finite events, status diverged)."""
 
 import argparse
 import re
@@ -7,30 +8,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from studies import run_studies, write_study
+from studies import DIVERGING
 
 from study import report
 from study.spec import SpecError
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDY = {
-    "name": "tiny-report",
-    "train": {"backbone": "vit_test_patch4_32", "epochs": 1, "batch_size": 64, "mlp_dim": 64, "dim": 32,
-              "warmup_epochs": 0.5, "train_subset": 512, "knn_bank_subset": 256, "knn_eval_subset": 256,
-              "monitor_every": 2, "monitor_bank": 128},
-    "resources": {"workers": 1, "cpus_per_worker": 0.9, "driver_cpus": 0.1},
-    "search": {"space": {"base_lr": {"choice": [1.0e-4, 1.0e4]}, "batch_size": {"choice": [32, 64]}},
-               "sampler": "grid", "num_samples": 4, "max_concurrent": 2},
-    "scheduler": {"type": "fifo"},
-    "stopping": {"mode": "enforce"},
-}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    spec = write_study(tmp_path_factory.mktemp("report"), STUDY, data_dir=ROOT / "datasets")
-    run_studies(spec)
+def finished(stopping_studies):
+    spec = stopping_studies["enforce"]
     return spec, pq.read_table(spec.study_dir / "results" / "trials.parquet").to_pylist()
 
 
@@ -54,7 +42,7 @@ def test_html_names_every_trial_and_status(rendered):
     for t in trials:
         assert t["trial_id"] in text and t["status"] in text
     # the huge learning rate diverged and the policy stopped it; the report shows that status
-    assert any(t["status"] == "diverged" for t in trials if t["base_lr"] == 1.0e4), trials
+    assert any(t["status"] == "diverged" for t in trials if t["base_lr"] == DIVERGING), trials
     assert "diverged" in text
     assert not list(page.parent.glob(".*.tmp"))  # every file went through a temporary name and a rename
 

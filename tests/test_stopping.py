@@ -1,8 +1,9 @@
-"""Instability-aware stopping end to end in real Tune studies on a real local Ray.
+"""Instability-aware stopping end to end in real Tune studies on a real local Ray (``conftest.stopping_studies``).
 
-One trial trains at a sane learning rate, the other at base_lr 1e4, where AdamW makes the loss non-finite
-within a few steps. In enforce mode the diverged trial stops at once with status ``diverged`` and the study
-goes on; Optuna is never told NaN. In observe mode the same trial runs to the end and is only flagged.
+In ``enforce``, two trials train at a sane learning rate and two at base_lr 1e4, where AdamW makes the loss
+non-finite within a few steps (batch sizes 32 and 64 each). The diverged trials stop at once with status
+``diverged`` and the study goes on; Optuna is never told NaN. In ``observe`` the same diverging trial runs to
+the end and is only flagged.
 """
 
 import math
@@ -10,31 +11,12 @@ import math
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from studies import run_studies, write_study
-
-HEALTHY, DIVERGING = 1.5e-4, 1.0e4
-TRAIN = {"backbone": "vit_test_patch4_32", "epochs": 2, "batch_size": 64, "mlp_dim": 64, "dim": 32,
-         "warmup_epochs": 0.0, "train_subset": 512, "knn_bank_subset": 256, "knn_eval_subset": 256}
-
-
-def study(root, name, rates, mode):
-    return write_study(root, {
-        "name": name, "train": TRAIN,
-        "resources": {"workers": 2, "cpus_per_worker": 0.45, "driver_cpus": 0.1},
-        "search": {"space": {"base_lr": {"choice": rates}}, "sampler": "grid", "num_samples": len(rates),
-                   "max_concurrent": 2},
-        "scheduler": {"type": "fifo"},
-        "stopping": {"mode": mode},
-    })
+from studies import DIVERGING, HEALTHY
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stopping")
-    specs = {"enforce": study(root, "enforce", [HEALTHY, DIVERGING], "enforce"),
-             "observe": study(root, "observe", [DIVERGING], "observe")}
-    run_studies(*specs.values())
-    return specs
+def studies(stopping_studies):
+    return stopping_studies
 
 
 def table(spec, name):
@@ -43,24 +25,28 @@ def table(spec, name):
 
 def test_diverged_trial_stops_at_once_and_the_study_goes_on(studies):
     spec = studies["enforce"]
-    trials = {r["base_lr"]: r for r in table(spec, "trials")}
-    assert trials[HEALTHY]["status"] == "completed" and trials[HEALTHY]["epochs_done"] == 2
-    bad = trials[DIVERGING]
-    assert bad["status"] == "diverged" and bad["epochs_done"] == 1 and bad["verdict_epoch"] == 1
-    assert "non-finite" in bad["verdict_reason"]
-    epoch = next(r for r in table(spec, "epochs") if r["trial_id"] == bad["trial_id"])
-    # stopped mid-epoch: fewer steps ran than the epoch has (512 images / 64), so it trained for less time
-    assert epoch["stopped"] == 1 and epoch["nonfinite"] == 1 and math.isnan(epoch["knn_top1"])
+    trials = {(r["base_lr"], r["batch_size"]): r for r in table(spec, "trials")}
+    assert len(trials) == 4
+    for batch_size in (32, 64):
+        healthy, bad = trials[HEALTHY, batch_size], trials[DIVERGING, batch_size]
+        assert healthy["status"] == "completed" and healthy["epochs_done"] == 2
+        assert bad["status"] == "diverged" and bad["epochs_done"] == 1 and bad["verdict_epoch"] == 1
+        assert "non-finite" in bad["verdict_reason"]
+        epoch = next(r for r in table(spec, "epochs") if r["trial_id"] == bad["trial_id"])
+        # stopped mid-epoch: fewer steps ran than the epoch has (512 images / 64), so it trained for less time
+        assert epoch["stopped"] == 1 and epoch["nonfinite"] == 1 and math.isnan(epoch["knn_top1"])
 
 
 def test_events_reach_the_results(studies):
     spec = studies["enforce"]
     trials = {r["trial_id"]: r for r in table(spec, "trials")}
     events = table(spec, "events")
-    bad = next(t for t in trials.values() if t["status"] == "diverged")
-    nonfinite = [e for e in events if e["trial_id"] == bad["trial_id"] and e["kind"] == "nonfinite"]
-    assert nonfinite and all(e["epoch"] == 1 and e["step"] < 8 for e in nonfinite)
-    assert bad["events"] == sum(e["trial_id"] == bad["trial_id"] for e in events)
+    bad = [t for t in trials.values() if t["status"] == "diverged"]
+    assert len(bad) == 2
+    for t in bad:
+        nonfinite = [e for e in events if e["trial_id"] == t["trial_id"] and e["kind"] == "nonfinite"]
+        assert nonfinite and all(e["epoch"] == 1 and e["step"] < 8 for e in nonfinite)
+        assert t["events"] == sum(e["trial_id"] == t["trial_id"] for e in events)
     assert all(e["kind"] != "nonfinite" for e in events if trials[e["trial_id"]]["status"] == "completed")
 
 
@@ -70,9 +56,11 @@ def test_optuna_is_never_told_nan(studies):
         assert all(t.value is None or math.isfinite(t.value) for t in ot.trials)
         for t in ot.trials:
             assert all(math.isfinite(v) for v in t.intermediate_values.values())
-    states = {t.params["base_lr"]: t.state for t in optuna.load_study(
+    states = {(t.params["base_lr"], t.params["batch_size"]): t.state for t in optuna.load_study(
         study_name="enforce", storage=f"sqlite:///{studies['enforce'].study_dir / 'optuna.db'}").trials}
-    assert states == {HEALTHY: optuna.trial.TrialState.COMPLETE, DIVERGING: optuna.trial.TrialState.PRUNED}
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    assert states == {(HEALTHY, 32): complete, (HEALTHY, 64): complete, (DIVERGING, 32): pruned,
+                      (DIVERGING, 64): pruned}
 
 
 def test_observe_mode_flags_but_stops_nothing(studies):
@@ -94,10 +82,10 @@ def test_results_of_several_studies_query_together(studies):
     r = results.open(root)
     assert r.studies == ["enforce", "observe"]
     trials = r.table("trials")
-    assert sorted(set(trials.column("study").to_pylist())) == ["enforce", "observe"] and trials.num_rows == 3
+    assert sorted(set(trials.column("study").to_pylist())) == ["enforce", "observe"] and trials.num_rows == 5
     # filters are pushed down to the Parquet scan; schema version and table name travel in the metadata
     diverged = r.trials.to_table(filter=(pc.field("status") == "diverged") & (pc.field("study") == "enforce"))
-    assert diverged.num_rows == 1 and diverged.column("base_lr").to_pylist() == [DIVERGING]
+    assert diverged.column("base_lr").to_pylist() == [DIVERGING, DIVERGING]
     meta = pq.read_schema(studies["enforce"].study_dir / "results" / "events.parquet").metadata
     assert meta[b"ssl_study.schema_version"] == str(results.SCHEMA_VERSION).encode()
     assert meta[b"ssl_study.table"] == b"events"
@@ -106,4 +94,4 @@ def test_results_of_several_studies_query_together(studies):
     assert list(frame["verdict"]) == ["diverged"]
     pattern = str(root / "*" / "results" / "epochs.parquet")
     count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}', union_by_name=true)").fetchall()[0][0]
-    assert count == r.table("epochs").num_rows == 1 + 2 + 2  # diverged: 1 epoch, healthy: 2, observe: 2
+    assert count == r.table("epochs").num_rows == 2 * 1 + 2 * 2 + 2  # diverged: 1 epoch, healthy: 2, observe: 2

@@ -30,6 +30,7 @@ class BYOL(nn.Module):
         proj_layers: int = 2,
         pred_layers: int = 2,
         fuse_views: bool | None = None,
+        view_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -41,6 +42,7 @@ class BYOL(nn.Module):
         self.criterion = ByolLoss()
         # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
+        self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
@@ -56,10 +58,10 @@ class BYOL(nn.Module):
         """
         if moco_m is not None:  # None: the caller did (as MoCoV3.forward says why)
             self.update_momentum(moco_m)
-        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
         p1, p2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
-            g1, g2 = encode_views(self.target_backbone, x1, x2, self.fuse_views)
+            g1, g2 = encode_views(self.target_backbone, x1, x2, self.fuse_views, self.view_chunk)
             z1, z2 = self.target_projector(g1), self.target_projector(g2)
         loss = self.criterion(p1, z2) + self.criterion(p2, z1)
         return loss, h1.detach()

@@ -33,6 +33,7 @@ class MoCoV3(nn.Module):
         pred_layers: int = 2,
         pred_last_bn: bool = True,
         fuse_views: bool | None = None,
+        view_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -44,6 +45,7 @@ class MoCoV3(nn.Module):
         self.criterion = CtrLoss(temperature)
         # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
+        self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
@@ -61,10 +63,10 @@ class MoCoV3(nn.Module):
         # step would make torch.compile recompile every step).
         if moco_m is not None:
             self.update_momentum(moco_m)
-        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
         q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
-            g1, g2 = encode_views(self.momentum_backbone, x1, x2, self.fuse_views)
+            g1, g2 = encode_views(self.momentum_backbone, x1, x2, self.fuse_views, self.view_chunk)
             k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         return loss, h1.detach()

@@ -25,6 +25,7 @@ class SimCLR(nn.Module):
         temperature: float = 0.1,
         proj_layers: int = 2,
         fuse_views: bool | None = None,
+        view_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -36,6 +37,7 @@ class SimCLR(nn.Module):
         self.criterion = NTXentLoss(temperature)
         # Both views through the backbone as one batch where that is exact (no BatchNorm inside; views.py)
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
+        self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 
     def forward(self, x1: Tensor, x2: Tensor, moco_m: float | None = None) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
@@ -44,6 +46,6 @@ class SimCLR(nn.Module):
         signature ``forward(x1, x2, moco_m)``. The projector sees the views separately (per-view BN
         statistics); the backbone too where it has BN (``fuse_views``).
         """
-        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views)
+        h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
         z1, z2 = self.projector(h1), self.projector(h2)
         return self.criterion(z1, z2), h1.detach()
