@@ -49,7 +49,7 @@ def lap(name):
     global last; now = time.perf_counter(); print(f"{name}\t{now - last:.2f}"); last = now
 import trainers, torch, timm; lap("import torch, timm")
 import ray.train.torch; lap("import ray.train")
-import ffcv; lap("import ffcv (numba typed dict)")
+import data, ffcv; lap("import ffcv (through data/ffcv_import.py)")
 from trainers.config import TrainConfig
 from trainers.trainer import Trainer, ffcv_loaders
 cfg = TrainConfig(**{**TRAIN, "train_path": DATA + "/fashion_mnist_train.beton",
