@@ -38,16 +38,17 @@ def cpu_chunk(encoder: nn.Module) -> int | None:
 
     On CPU a ViT block's elementwise work (LayerNorm, GELU, residual adds, bias copies: a third of the step at
     dim 192) runs from cache when the chunk fits and from memory when it does not. Measured on 2 cores of a
-    32 MiB-L3 EPYC (bench/trainer.py --official, dim 192, 65 tokens): 32 samples per call (6.4 MB) trained 1.37x
-    the images/s of one call over both views of 256 and 1.13x that of one call per view of 64; 16 and 64 were
-    slower. On GPU one call over both views stays fastest (bigger kernels), so chunks are for CPU only.
+    32 MiB-L3 EPYC (MoCo v3, dim 192, 65 tokens, MLP 768: 200 KB per sample): at depth 4 / batch 256, chunks of 32
+    to 128 samples ran at 1.33-1.37x the images/s of one forward per view, which ran at 1.18x one forward over
+    both; at depth 12 / batch 64, chunks of 32 ran at 1.13x one forward per view, and 16 were slower. On GPU one
+    forward over both views stays fastest (bigger kernels), so chunks are for CPU only.
     """
     blocks, patch_embed = getattr(encoder, "blocks", None), getattr(encoder, "patch_embed", None)
-    if not blocks or getattr(patch_embed, "num_patches", None) is None:
+    fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
+    if fc1 is None or getattr(patch_embed, "num_patches", None) is None:
         return None
     tokens = patch_embed.num_patches + getattr(encoder, "num_prefix_tokens", 1)
-    per_sample = tokens * blocks[0].mlp.fc1.out_features * 4
-    return max(1, LAST_LEVEL_CACHE_BYTES // 5 // per_sample)
+    return max(1, LAST_LEVEL_CACHE_BYTES // 5 // (tokens * fc1.out_features * 4))
 
 
 def encode_views(encoder: nn.Module, x1: Tensor, x2: Tensor, fused: bool,
