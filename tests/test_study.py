@@ -7,7 +7,7 @@ import math
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from studies import run_studies, write_study
+from studies import ROOT, run_studies, write_study
 
 from study import results
 
@@ -24,7 +24,7 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    spec = write_study(tmp_path_factory.mktemp("study"), STUDY)
+    spec = write_study(tmp_path_factory.mktemp("study"), STUDY, data_dir=ROOT / "datasets")  # converted once
     run_studies(spec)
     return spec, pq.read_table(spec.study_dir / "results" / "trials.parquet")
 
