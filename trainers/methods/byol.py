@@ -40,7 +40,7 @@ class BYOL(nn.Module):
         self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = ByolLoss()
-        # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
+        # Both views through the backbones together where that is exact (no BatchNorm inside): views.encode_views
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
         self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 

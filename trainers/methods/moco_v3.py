@@ -43,7 +43,7 @@ class MoCoV3(nn.Module):
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = CtrLoss(temperature)
-        # Both views through the backbones as one batch where that is exact (no BatchNorm inside; views.py)
+        # Both views through the backbones together where that is exact (no BatchNorm inside): views.encode_views
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
         self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 

@@ -35,7 +35,7 @@ class SimCLR(nn.Module):
         # exclude the last layer, so we follow SimCLR's own head.
         self.projector = mlp(proj_layers, backbone.num_features, mlp_dim, dim, last_bn=True)
         self.criterion = NTXentLoss(temperature)
-        # Both views through the backbone as one batch where that is exact (no BatchNorm inside; views.py)
+        # Both views through the backbone together where that is exact (no BatchNorm inside): views.encode_views
         self.fuse_views = not has_batchnorm(backbone) if fuse_views is None else fuse_views
         self.view_chunk = view_chunk  # samples per fused backbone forward; None: views.encode_views decides
 
