@@ -1,6 +1,7 @@
 """What a GPU run needs and a CPU run hides, checked in one process on one device (bench/gpu.sh runs it).
 
-    python bench/gpu_checks.py                # on a GPU: bf16 step, NCCL group, global BatchNorm, resume
+    python bench/gpu_checks.py                # on a GPU: bf16 step, NCCL group, global BatchNorm, resume,
+                                              # uint8 normalised and colour ops on the device
     python bench/gpu_checks.py --device cpu   # the same checks on CPU with gloo (to try the script anywhere)
 
 Needs only torch and timm (and pyarrow): neither Ray nor FFCV. Each check prints one line, and the script exits 1
@@ -81,6 +82,41 @@ def resume(device: torch.device) -> str:
     return "saved and restored on the device (map_location cpu)"
 
 
+def device_normalize(device: torch.device) -> str:
+    """uint8 images normalised on the device: the bits of the loader's host table (data/normalize.py)."""
+    from data.normalize import DeviceNormalize, normalize_table
+
+    mean, std = (72.9, 80.1, 91.7), (55.2, 60.3, 66.8)
+    images = torch.randint(0, 256, (4, 2, 16, 16, 3), dtype=torch.uint8)  # [B, V, H, W, 3], as the loader
+    got = DeviceNormalize(mean, std, device)(images.to(device)[:, 1])
+    want = torch.from_numpy(normalize_table(mean, std))[images[:, 1].long(), torch.arange(3)].permute(0, 3, 1, 2)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
+    assert torch.equal(got.cpu(), want), (got.cpu() - want).abs().max()
+    return "uint8 view to the device, normalised there: the host table's bits, channels_last"
+
+
+def device_colour_ops(device: torch.device) -> str:
+    """The colour ops the loader leaves to the GPU (data/device_augment.py) give the CPU's bits there."""
+    from data import device_augment as D
+    from data.recipes import MOCO_V3_VIEWS, SIMCLR_VIEW
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 48, 40, 3), dtype=torch.uint8, generator=g)
+    for recipe in (*MOCO_V3_VIEWS, SIMCLR_VIEW):
+        params = torch.zeros(16, D.params_width(recipe), dtype=torch.float64)
+        params[:, [D.COL_JITTER, D.COL_GRAY, D.COL_BLUR, D.COL_SOLARIZE]] = (
+            torch.rand(16, 4, generator=g, dtype=torch.float64) < 0.6).double()
+        params[:, D.COL_ORDER] = torch.stack([torch.randperm(4, generator=g) for _ in range(16)]).double()
+        params[:, D.COL_FACTORS] = torch.rand(16, 4, generator=g, dtype=torch.float64) * 0.8 + 0.6
+        params[:, D.COL_FACTORS.stop - 1] -= 1.0  # hue factor in [-0.4, 0.4]
+        weights = torch.rand(16, params.shape[1] - D.COL_WEIGHTS, generator=g)
+        params[:, D.COL_WEIGHTS:] = (weights / weights.sum(1, keepdim=True)).double()
+        want = D.apply_view(images, params, recipe)
+        got = D.apply_view(images.to(device), params, recipe)
+        assert torch.equal(got.cpu(), want), (got.cpu().int() - want.int()).abs().max()
+    return "jitter, grayscale, blur, solarize on uint8: the CPU's bits (MoCo v3 views 1 and 2, SimCLR)"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -92,7 +128,7 @@ def main() -> int:
                             init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     failed = 0
-    for check in (bf16_step, process_group, global_batchnorm, resume):
+    for check in (bf16_step, process_group, global_batchnorm, resume, device_normalize, device_colour_ops):
         try:
             print(f"  ok   {check.__name__}: {check(device)}", flush=True)
         except Exception as e:  # report every check, then fail

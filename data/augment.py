@@ -27,11 +27,18 @@ closure) and FFCV's glue are compiled per loader.
 
 Per-image kernels follow ``torchvision.transforms.v2.functional`` on uint8 tensors step by step (float32
 arithmetic, the same truncation / rounding points), so each is tested against it (tests/test_augment.py).
+
+Views: SeededRandomResizedCrops decodes each image once and cuts all its views into a [B, V, H, W, 3]
+batch; every later op acts on its own view ``images[:, v]``. On a GPU (data.loaders' ``device_ops``) the
+loader's threads stop after the flips: ViewParams draws the colour choices with the same keys, and
+data/device_augment.py applies them there with the same bits, since every stage is compiled without
+fast-math (``_compile_strictly``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -45,10 +52,31 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba import njit, prange
 
+from data.normalize import normalize_table
+
 # Compiled once per machine (numba's on-disk cache); error_model "numpy" drops the division-by-zero checks
 # that would stop LLVM from vectorising the pixel loops.
 _kernel = njit(cache=True, error_model="numpy")
 _batch = njit(cache=True, error_model="numpy", parallel=True)
+
+
+def _compile_strictly(cls, code, signature=None):
+    """FFCV's Compiler.compile without ``fastmath=True``.
+
+    FFCV compiles every pipeline stage with fast-math, and LLVM applies it to the kernels it inlines into
+    a stage: one level moved on about 1e-6 (hue, blur) to 1e-3 (saturation) of pixel values, and which
+    values moved depended on the process that compiled numba's cache, so one seed could give two sets of
+    views. Strict IEEE float32 everywhere: the same bits in every process, and on the device
+    (data/device_augment.py). The stages are glue around these kernels and FFCV's C decoders, so nothing
+    is lost (bench/loader.py).
+    """
+    parallel = getattr(code, "is_parallel", False) and cls.num_threads > 1
+    if not cls.is_enabled:
+        return code
+    return njit(signature, nogil=True, error_model="numpy", parallel=parallel)(code)
+
+
+Compiler.compile = classmethod(_compile_strictly)
 
 # ---------------------------------------------------------------------------------------------- random numbers
 
@@ -225,10 +253,9 @@ def to_grayscale(img):
 @_kernel
 def solarize(img, threshold):
     """v2.functional.solarize: values >= threshold become 255 - value."""
-    lut = np.empty(256, np.uint8)
-    for v in range(256):
-        lut[v] = 255 - v if v >= threshold else v
-    _apply_lut(img, lut)
+    flat = img.reshape(-1)
+    for i in range(flat.size):
+        flat[i] = np.uint8(255) - flat[i] if flat[i] >= threshold else flat[i]
 
 
 @_kernel
@@ -379,57 +406,96 @@ def color_jitter(img, order, factors, brightness, contrast, saturation, hue):
 
 
 # ---------------------------------------------------------------------------------------------- batch loops
-# Module-level and cached: these hold the parallel loops, so FFCV's per-loader compile stays small.
+# Module-level and cached: these hold the parallel loops, so FFCV's per-loader compile stays small. Each takes
+# the [B, V, H, W, 3] batch of all views (one decode per image, SeededRandomResizedCrops) and the view it
+# acts on: images[n, view] is a C-contiguous image, so the kernels vectorise as on a one-view batch.
 
 
 @_batch
-def flip_batch(images, indices, base, salt_, p):
+def flip_batch(images, view, indices, base, salt_, p):
     for n in prange(images.shape[0]):
         if uniform(sample_key(base, indices[n], salt_), 0) < p:
-            hflip(images[n])
+            hflip(images[n, view])
 
 
 @_batch
-def jitter_batch(images, indices, base, salt_, p, brightness, contrast, saturation, hue):
+def jitter_batch(images, view, indices, base, salt_, p, brightness, contrast, saturation, hue):
     for n in prange(images.shape[0]):
         key = sample_key(base, indices[n], salt_)
         if uniform(key, 0) < p:
             order, factors = jitter_params(key, brightness, contrast, saturation, hue)
-            color_jitter(images[n], order, factors, brightness, contrast, saturation, hue)
+            color_jitter(images[n, view], order, factors, brightness, contrast, saturation, hue)
 
 
 @_batch
-def grayscale_batch(images, indices, base, salt_, p):
+def grayscale_batch(images, view, indices, base, salt_, p):
     for n in prange(images.shape[0]):
         if uniform(sample_key(base, indices[n], salt_), 0) < p:
-            to_grayscale(images[n])
+            to_grayscale(images[n, view])
 
 
 @_batch
-def blur_batch(images, indices, base, salt_, p, sigma_lo, sigma_hi):
+def blur_batch(images, view, indices, base, salt_, p, sigma_lo, sigma_hi):
     for n in prange(images.shape[0]):
         key = sample_key(base, indices[n], salt_)
         if uniform(key, 0) < p:
             sigma = sigma_lo + (sigma_hi - sigma_lo) * uniform(key, 1)
-            gaussian_blur(images[n], sigma, math.ceil(3.0 * sigma))
+            gaussian_blur(images[n, view], sigma, math.ceil(3.0 * sigma))
 
 
 @_batch
-def solarize_batch(images, indices, base, salt_, p, threshold):
+def solarize_batch(images, view, indices, base, salt_, p, threshold):
     for n in prange(images.shape[0]):
         if uniform(sample_key(base, indices[n], salt_), 0) < p:
-            solarize(images[n], threshold)
+            solarize(images[n, view], threshold)
+
+
+@_batch
+def view_params_batch(out, view, indices, base, salts, probs, centre, max_radius):
+    """The colour choices of view ``view`` for the device (data/device_augment.py), into ``out[:, view]``.
+
+    The same keys and draws as jitter_batch, grayscale_batch, blur_batch and solarize_batch, so the device
+    makes the choices the loader's threads would. ``salts``: the four ops' salts; ``probs``: (jitter p,
+    brightness, contrast, saturation, hue, grayscale p, blur p, sigma_lo, sigma_hi, solarize p). Row layout:
+    data/device_augment.py; the blur kernel is centred at column ``centre`` and its radius clipped to
+    ``max_radius`` (side - 1) as gaussian_blur clips it.
+    """
+    for n in prange(out.shape[0]):
+        row = out[n, view]
+        row[:] = 0.0
+        key = sample_key(base, indices[n], salts[0])
+        if uniform(key, 0) < probs[0]:
+            order, factors = jitter_params(key, probs[1], probs[2], probs[3], probs[4])
+            row[0] = 1.0
+            row[1:5] = order
+            row[5:9] = factors
+        if uniform(sample_key(base, indices[n], salts[1]), 0) < probs[5]:
+            row[9] = 1.0
+        key = sample_key(base, indices[n], salts[2])
+        if uniform(key, 0) < probs[6]:
+            sigma = probs[7] + (probs[8] - probs[7]) * uniform(key, 1)
+            radius = min(math.ceil(3.0 * sigma), max_radius)  # gaussian_blur's clip to the image side
+            row[10] = 1.0
+            row[centre - radius:centre + radius + 1] = gaussian_kernel(sigma, radius)
+        if uniform(sample_key(base, indices[n], salts[3]), 0) < probs[9]:
+            row[11] = 1.0
+
+
+@_kernel
+def _normalize(src, dst, table):
+    """One uint8 [H, W, 3] image -> float32 via a [256, 3] table of (v - mean) / std (NormalizeImage's way)."""
+    src, dst = src.reshape(-1, 3), dst.reshape(-1, 3)
+    for i in range(src.shape[0]):
+        for c in range(3):
+            dst[i, c] = table[src[i, c], c]
 
 
 @_batch
 def normalize_batch(images, out, table):
-    """uint8 [B, H, W, 3] -> float32 via a [256, 3] table of (v - mean) / std (FFCV NormalizeImage's method)."""
+    """uint8 [B, V, H, W, 3] -> float32 view-major [V, B, H, W, 3]."""
     for n in prange(images.shape[0]):
-        src = images[n].reshape(-1, 3)
-        dst = out[n].reshape(-1, 3)
-        for i in range(src.shape[0]):
-            for c in range(3):
-                dst[i, c] = table[src[i, c], c]
+        for v in range(images.shape[1]):
+            _normalize(images[n, v], out[v, n], table)
 
 
 # ---------------------------------------------------------------------------------------------- FFCV operations
@@ -438,28 +504,29 @@ _KEY_CELL = AllocationQuery((1,), np.dtype("<u8"))
 
 
 class SeededOperation(Operation):
-    """An in-place uint8 image op whose random choices are keyed by (seed, epoch, sample, ``salt``).
+    """An in-place uint8 op on view ``view`` of a [B, V, H, W, 3] batch, its random choices keyed by
+    (seed, epoch, sample, view, ``op``).
 
     Its memory is one key cell per sample slot, filled by SeededLoader (see the module docstring).
-    Subclasses give ``batch_fn`` (a cached parallel loop) and pass its constant parameters, in its order, as
-    ``params``.
+    Subclasses give ``op`` (an OP_* code) and ``batch_fn`` (a cached parallel loop) and pass its constant
+    parameters, in its order, as ``params``.
     """
 
+    op = 0
     batch_fn = None
 
-    def __init__(self, salt_: int, *params) -> None:
+    def __init__(self, view: int, *params) -> None:
         super().__init__()
-        self.salt = np.uint64(salt_)
-        self.params = params
+        self.view, self.salt, self.params = view, np.uint64(salt(view, self.op)), params
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
         return replace(previous_state, jit_mode=True), _KEY_CELL
 
     def generate_code(self):
-        batch_fn, salt_, args = type(self).batch_fn, self.salt, self.params
+        batch_fn, view, salt_, args = type(self).batch_fn, self.view, self.salt, self.params
 
         def seeded_op(images, cell, indices):
-            batch_fn(images, indices, cell[0, 0], salt_, *args)
+            batch_fn(images, view, indices, cell[0, 0], salt_, *args)
             return images
 
         seeded_op.with_indices = True
@@ -469,93 +536,149 @@ class SeededOperation(Operation):
 class RandomFlip(SeededOperation):
     """Horizontal flip with probability ``p``."""
 
-    batch_fn = flip_batch
+    op, batch_fn = OP_FLIP, flip_batch
 
-    def __init__(self, p: float, salt_: int) -> None:
-        super().__init__(salt_, float(p))
+    def __init__(self, view: int, p: float) -> None:
+        super().__init__(view, float(p))
 
 
 class RandomColorJitter(SeededOperation):
     """RandomApply(ColorJitter(brightness, contrast, saturation, hue), p): hue included, random op order."""
 
-    batch_fn = jitter_batch
+    op, batch_fn = OP_JITTER, jitter_batch
 
-    def __init__(self, p: float, brightness: float, contrast: float, saturation: float, hue: float,
-                 salt_: int) -> None:
-        super().__init__(salt_, *(float(v) for v in (p, brightness, contrast, saturation, hue)))
+    def __init__(self, view: int, p: float, brightness: float, contrast: float, saturation: float,
+                 hue: float) -> None:
+        super().__init__(view, *(float(v) for v in (p, brightness, contrast, saturation, hue)))
 
 
 class RandomGrayscale(SeededOperation):
     """RandomGrayscale(p): luma in all three channels."""
 
-    batch_fn = grayscale_batch
+    op, batch_fn = OP_GRAY, grayscale_batch
 
-    def __init__(self, p: float, salt_: int) -> None:
-        super().__init__(salt_, float(p))
+    def __init__(self, view: int, p: float) -> None:
+        super().__init__(view, float(p))
 
 
 class RandomGaussianBlur(SeededOperation):
     """RandomApply(GaussianBlur(sigma ~ U(sigma_lo, sigma_hi)), p), kernel 2 ceil(3 sigma) + 1 (MoCo's PIL blur
     has no kernel size; 3 sigma covers 99.7% of the mass)."""
 
-    batch_fn = blur_batch
+    op, batch_fn = OP_BLUR, blur_batch
 
-    def __init__(self, p: float, sigma_lo: float, sigma_hi: float, salt_: int) -> None:
-        super().__init__(salt_, float(p), float(sigma_lo), float(sigma_hi))
+    def __init__(self, view: int, p: float, sigma_lo: float, sigma_hi: float) -> None:
+        super().__init__(view, float(p), float(sigma_lo), float(sigma_hi))
 
 
 class RandomSolarize(SeededOperation):
     """RandomApply(Solarize(threshold), p)."""
 
-    batch_fn = solarize_batch
+    op, batch_fn = OP_SOLARIZE, solarize_batch
 
-    def __init__(self, p: float, threshold: int, salt_: int) -> None:
-        super().__init__(salt_, float(p), int(threshold))
+    def __init__(self, view: int, p: float, threshold: int) -> None:
+        super().__init__(view, float(p), int(threshold))
+
+
+class ViewParams(Operation):
+    """A decoder (of any field: it reads only the sample indices) that draws every view's colour choices for
+    the device: float64 [B, V, P], view v's device_augment row in its first params_width(recipe v) columns,
+    from the same keys as the CPU ops.
+
+    With it the loader's threads only crop and flip; colour jitter, grayscale, blur and solarize run on
+    the device (data/device_augment.py) and give the same bits.
+    """
+
+    def __init__(self, recipes: Sequence, resolution: int) -> None:
+        from data.device_augment import COL_WEIGHTS, blur_radius, params_width
+        super().__init__()
+        self.recipes, self.resolution = tuple(recipes), resolution
+        self.width = max(params_width(r) for r in self.recipes)
+        self.centres = np.array([COL_WEIGHTS + blur_radius(r.blur_sigma_max) for r in self.recipes], np.int64)
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (len(self.recipes), self.width)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype(np.float64)),
+                (AllocationQuery(shape, np.dtype(np.float64)), _KEY_CELL))
+
+    def generate_code(self):
+        centres, max_radius = self.centres, self.resolution - 1
+        salts = np.array([[salt(v, op) for op in (OP_JITTER, OP_GRAY, OP_BLUR, OP_SOLARIZE)]
+                          for v in range(len(self.recipes))], np.uint64)
+        probs = np.array([(r.jitter_p, r.brightness, r.contrast, r.saturation, r.hue, r.grayscale_p, r.blur_p,
+                           r.blur_sigma_min, r.blur_sigma_max, r.solarize_p) for r in self.recipes], np.float64)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, cell = my_storage
+            out = destination[:len(batch_indices)]
+            for view in range(salts.shape[0]):
+                view_params_batch(out, view, batch_indices, cell[0, 0], salts[view], probs[view], centres[view],
+                                  max_radius)
+            return out
+
+        return decode
 
 
 class Normalize(Operation):
-    """uint8 HWC -> float32 (v - mean) / std per channel, like FFCV's NormalizeImage on the CPU, but its loop is
-    a cached module-level function (FFCV's is compiled again in every loader)."""
+    """uint8 -> float32 (v - mean) / std per channel, like FFCV's NormalizeImage on the CPU, but its loop is
+    a cached module-level function (FFCV's is compiled again in every loader).
+
+    A [B, H, W, 3] batch stays in that layout. A multi-view [B, V, H, W, 3] batch comes out view-major,
+    [V, B, H, W, 3], so that each view is one contiguous channels-last batch without a copy.
+    """
 
     def __init__(self, mean, std) -> None:
         super().__init__()
-        values = np.arange(256, dtype=np.float64)[:, None]
-        self.table = ((values - np.asarray(mean)[None]) / np.asarray(std)[None]).astype(np.float32)
+        self.table = normalize_table(mean, std)  # the bits of DeviceNormalize on a GPU
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        self.views = previous_state.shape[0] if len(previous_state.shape) == 4 else 0
         state = replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32))
         return state, AllocationQuery(previous_state.shape, np.dtype(np.float32))
 
     def generate_code(self):
-        table = self.table
+        table, views = self.table, self.views
+
+        def normalize_views(images, out):
+            # View-major: [V, B, H, W, 3] in the first V * B slots of FFCV's [B, V, H, W, 3] buffer.
+            b, _, h, w, c = images.shape
+            view_major = out.reshape(-1)[:views * b * h * w * c].reshape((views, b, h, w, c))
+            normalize_batch(images, view_major, table)
+            return view_major
 
         def normalize(images, out):
-            normalize_batch(images, out[:images.shape[0]], table)
-            return out[:images.shape[0]]
+            b, h, w, c = images.shape
+            normalize_batch(images.reshape((b, 1, h, w, c)), out[:b].reshape((1, b, h, w, c)), table)
+            return out[:b]
 
-        return normalize
+        return normalize_views if views else normalize
 
 
-class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCropRGBImageDecoder with crops drawn from (seed, epoch, sample, view).
+class SeededRandomResizedCrops(ResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCropRGBImageDecoder for several views at once: each image is decoded once and
+    cut into one crop per view, drawn from (seed, epoch, sample, view). Output: uint8 [B, V, H, W, 3].
 
     The decode loop is FFCV 1.0.2's ResizedCropRGBImageDecoder.generate_code (JPEG or raw read, then
-    libffcv's resize_crop); only the crop parameters differ: random_resized_crop_params instead of
-    get_random_crop's np.random draws. Its memory gains a key cell after FFCV's two buffers.
+    libffcv's resize_crop per view); only the crop parameters differ: random_resized_crop_params instead of
+    get_random_crop's np.random draws. Its memory gains a key cell after FFCV's two buffers. ``crops`` holds
+    one ``(scale, ratio)`` pair per view, view v salted with ``salt(v, OP_CROP)``.
     """
 
-    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
-                 salt_: int) -> None:
+    def __init__(self, output_size: tuple[int, int],
+                 crops: Sequence[tuple[tuple[float, float], tuple[float, float]]]) -> None:
         super().__init__(output_size)
-        self.scale, self.ratio, self.salt = scale, ratio, np.uint64(salt_)
+        self.scales = np.array([scale for scale, _ in crops], np.float64).reshape(-1, 2)
+        self.log_ratios = np.log(np.array([ratio for _, ratio in crops], np.float64)).reshape(-1, 2)
+        self.salts = np.array([salt(v, OP_CROP) for v in range(len(crops))], np.uint64)
 
     @property
     def get_crop_generator(self):  # required by the abstract base; unused
         return None
 
     def declare_state_and_memory(self, previous_state: State):
-        state, (out, temp) = super().declare_state_and_memory(previous_state)
-        return state, (out, temp, _KEY_CELL)
+        state, (_, temp) = super().declare_state_and_memory(previous_state)
+        shape = (len(self.salts), *state.shape)
+        return replace(state, shape=shape), (AllocationQuery(shape, state.dtype), temp, _KEY_CELL)
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
@@ -563,9 +686,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
-        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        salt_ = self.salt
+        scales, log_ratios, salts = self.scales, self.log_ratios, self.salts
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, cell = my_storage
@@ -582,10 +703,11 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                key = sample_key(base, source_ix, salt_)
-                i, j, h, w = random_resized_crop_params(np.int64(height), np.int64(width), key,
-                                                        scale_lo, scale_hi, log_lo, log_hi)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                for v in range(len(salts)):
+                    key = sample_key(base, source_ix, salts[v])
+                    i, j, h, w = random_resized_crop_params(np.int64(height), np.int64(width), key, scales[v, 0],
+                                                            scales[v, 1], log_ratios[v, 0], log_ratios[v, 1])
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix, v])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -612,7 +734,7 @@ class _SeededEpochIterator(EpochIterator):
 
 def _is_seeded(node) -> bool:
     op = getattr(node, "operation", None) or getattr(node, "decoder", None)
-    return isinstance(op, (SeededOperation, SeededRandomResizedCrop))
+    return isinstance(op, (SeededOperation, SeededRandomResizedCrops, ViewParams))
 
 
 class SeededLoader(Loader):

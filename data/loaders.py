@@ -27,17 +27,11 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from data import augment as A
 from data.convert import read_metadata
+from data.device_augment import apply_view, params_width
+from data.normalize import DeviceNormalize
 from data.recipes import MOCO_V3_VIEWS, ViewRecipe, views_for
 
 __all__ = ["MOCO_V3_VIEWS", "ViewRecipe", "eval_loader", "ssl_loader", "view_ops", "views_for"]
-
-
-def _normalize(meta: dict) -> Operation:
-    """uint8 HWC -> float32 normalised with the dataset's own statistics (the metadata JSON's mean / std).
-
-    A numba op on the CPU, so it comes before ToTensor (FFCV's GPU variant needs cupy, not installed here).
-    """
-    return A.Normalize(meta["mean"], meta["std"])
 
 
 def _to_device(device: torch.device) -> list[Operation]:
@@ -49,15 +43,51 @@ def _to_device(device: torch.device) -> list[Operation]:
     return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
 
 
-def _to_torch(device: torch.device) -> list[Operation]:
-    """numpy HWC float32 batch -> [B, 3, H, W] channels_last tensor on ``device``."""
-    return [ToTensor(), *_to_device(device), ToTorchImage(channels_last=True)]
-
-
 def _label_ops(device: torch.device) -> list[Operation]:
     """What follows IntDecoder: its [B, 1] int64 array -> [B] tensor on ``device``."""
     # Squeeze dim 1 only, so a batch of one stays [1].
     return [ToTensor(), *_to_device(device), Squeeze(1)]
+
+
+class _Batches:
+    """An FFCV epoch iterator whose outputs pass through ``finish`` (which makes the loader's batch)."""
+
+    def __init__(self, epoch, finish) -> None:
+        self.epoch, self.finish = epoch, finish
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.finish(*next(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def close(self) -> None:
+        self.epoch.close()
+
+
+class ViewLoader(A.SeededLoader):
+    """SeededLoader over [B, V, H, W, 3] multi-view images whose batches are ``(view_1, ..., view_V, label)``.
+
+    ``finish`` turns FFCV's outputs (all views, [the colour choices,] labels) into that tuple: split the
+    host-normalised view-major batch, or finish each uint8 view on the device (apply_view, DeviceNormalize).
+    """
+
+    finish = None
+
+    def __iter__(self):
+        return _Batches(super().__iter__(), self.finish)
+
+
+class EvalLoader(Loader):
+    """FFCV Loader whose uint8 images are normalised on the device (DeviceNormalize) as they arrive."""
+
+    finish = None
+
+    def __iter__(self):
+        return _Batches(super().__iter__(), self.finish)
 
 
 def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indices: Sequence[int] | None,
@@ -73,35 +103,40 @@ def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indice
         raise RuntimeError("distributed=True shards by torch.distributed rank: init the process group first")
 
 
-def view_ops(recipe: ViewRecipe, view: int, resolution: int, meta: dict,
-             device: torch.device | str = "cpu") -> list[Operation]:
-    """The FFCV operations of one view (decoder first), in ViewRecipe's order; ops with p = 0 are left out.
+def view_ops(recipe: ViewRecipe, view: int, colour: bool = True) -> list[Operation]:
+    """The seeded uint8 operations of view ``view`` (0-based) after its crop, in ViewRecipe's order; ops with
+    p = 0 are left out, and with ``colour=False`` all but the flip (the device does them: ViewParams).
 
-    Fresh operation objects every call: FFCV keys graph nodes by operation instance. ``view`` (0-based)
-    salts every random draw, so two views of one image differ and each is a pure function of
-    (seed, epoch, sample index, view): see data/augment.py.
+    Fresh operation objects every call: FFCV keys graph nodes by operation instance. ``view`` salts every
+    random draw, so two views of one image differ and each is a pure function of (seed, epoch, sample index,
+    view): see data/augment.py.
     """
-    r, device = recipe, torch.device(device)
-    ops: list[Operation] = [A.SeededRandomResizedCrop((resolution, resolution), (r.crop_min, r.crop_max),
-                                                      (r.ratio_min, r.ratio_max), A.salt(view, A.OP_CROP))]
+    r, ops = recipe, []
     if r.flip_p > 0:
-        ops.append(A.RandomFlip(r.flip_p, A.salt(view, A.OP_FLIP)))
+        ops.append(A.RandomFlip(view, r.flip_p))
+    if not colour:
+        return ops
     if r.jitter_p > 0 and max(r.brightness, r.contrast, r.saturation, r.hue) > 0:
-        ops.append(A.RandomColorJitter(r.jitter_p, r.brightness, r.contrast, r.saturation, r.hue,
-                                       A.salt(view, A.OP_JITTER)))
+        ops.append(A.RandomColorJitter(view, r.jitter_p, r.brightness, r.contrast, r.saturation, r.hue))
     if r.grayscale_p > 0:
-        ops.append(A.RandomGrayscale(r.grayscale_p, A.salt(view, A.OP_GRAY)))
+        ops.append(A.RandomGrayscale(view, r.grayscale_p))
     if r.blur_p > 0:
-        ops.append(A.RandomGaussianBlur(r.blur_p, r.blur_sigma_min, r.blur_sigma_max, A.salt(view, A.OP_BLUR)))
+        ops.append(A.RandomGaussianBlur(view, r.blur_p, r.blur_sigma_min, r.blur_sigma_max))
     if r.solarize_p > 0:
-        ops.append(A.RandomSolarize(r.solarize_p, r.solarize_threshold, A.salt(view, A.OP_SOLARIZE)))
-    return [*ops, _normalize(meta), *_to_torch(device)]
+        ops.append(A.RandomSolarize(view, r.solarize_p, r.solarize_threshold))
+    return ops
+
+
+def _on_device(device: torch.device, device_ops: bool | None) -> bool:
+    """Whether images travel as uint8 and the colour ops and normalisation run on ``device``: by default on
+    CUDA only (on the CPU the loader's numba threads do them, and torch's threads stay with the model)."""
+    return device.type == "cuda" if device_ops is None else device_ops
 
 
 def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOCO_V3_VIEWS,
                resolution: int | None = None, num_workers: int = 2, seed: int = 0, distributed: bool = False,
                indices: Sequence[int] | None = None, device: str | torch.device = "cpu",
-               drop_last: bool = True) -> Loader:
+               drop_last: bool = True, device_ops: bool | None = None) -> ViewLoader:
     """Multi-view loader over the FFCV file ``path``: each batch is ``(view_1, ..., view_n, label)``.
 
     Views are float32 [B, 3, R, R] tensors in channels_last memory format on ``device``, normalised with
@@ -113,9 +148,14 @@ def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOC
     loader to a subset; ``distributed=True`` gives each torch.distributed rank a disjoint shard (padded by
     repetition to equal length, as torch's DistributedSampler does).
 
+    Each image is decoded once and cut into all its views (SeededRandomResizedCrops). ``device_ops``
+    (default: on CUDA): the loader's threads only crop and flip, the views travel to ``device`` as uint8
+    with each image's colour choices (ViewParams), and colour jitter, grayscale, blur, solarize and
+    normalisation run there (data/device_augment.py, data/normalize.py). Otherwise the loader's threads do
+    everything. Both give the same bits.
+
     FFCV reuses batch buffers: clone anything kept beyond the next batch. numba compiles the pipelines on
-    the first batch (tens of seconds for several views): build the loader once per process and reuse it
-    every epoch.
+    the first batch (seconds): build the loader once per process and reuse it every epoch.
     """
     path = Path(path)
     meta = read_metadata(path)
@@ -124,30 +164,48 @@ def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOC
         raise ValueError("ssl_loader needs at least one view")
     _check_args(path, meta, batch_size, resolution, indices, distributed)
     device = torch.device(device)  # FFCV's graph reads device.type, so a plain string breaks it
+    on_device = _on_device(device, device_ops)
 
+    crops = A.SeededRandomResizedCrops((resolution, resolution),
+                                       [((r.crop_min, r.crop_max), (r.ratio_min, r.ratio_max)) for r in views])
+    ops = [crops, *(op for v, recipe in enumerate(views) for op in view_ops(recipe, v, colour=not on_device))]
+    ops += [ToTensor(), *_to_device(device)] if on_device else [A.Normalize(meta["mean"], meta["std"]), ToTensor()]
     # FFCV 1.0.2 outputs the file's own fields first (image, label), then extra pipelines in insertion
-    # order. Disabling "label" and re-adding it last as "target" puts the label after all the views.
-    pipelines: dict[str, list[Operation] | PipelineSpec | None] = {
-        "image": view_ops(views[0], 0, resolution, meta, device), "label": None}
-    for i, recipe in enumerate(views[1:], start=1):
-        decoder, *transforms = view_ops(recipe, i, resolution, meta, device)
-        pipelines[f"image_{i + 1}"] = PipelineSpec("image", decoder=decoder, transforms=transforms)
+    # order. Disabling "label" and re-adding it last as "target" puts the label after the views.
+    pipelines: dict[str, list[Operation] | PipelineSpec | None] = {"image": ops, "label": None}
+    if on_device:  # the colour choices: a "decoder" of the label field that reads only the sample indices,
+        # its output kept on the host, where device_augment reads the choices without a device sync
+        pipelines["view_params"] = PipelineSpec("label", decoder=A.ViewParams(views, resolution),
+                                                transforms=[ToTensor()])
     pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(), transforms=_label_ops(device))
-    return A.SeededLoader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
-                          seed=seed, distributed=distributed, indices=indices, pipelines=pipelines,
-                          drop_last=drop_last)
+    loader = ViewLoader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
+                        seed=seed, distributed=distributed, indices=indices, pipelines=pipelines,
+                        drop_last=drop_last)
+    if on_device:
+        normalize = DeviceNormalize(meta["mean"], meta["std"], device)
+        widths = [params_width(recipe) for recipe in views]
+
+        def finish(images, params, label):
+            return (*(normalize(apply_view(images[:, v], params[:, v, :widths[v]], recipe))
+                      for v, recipe in enumerate(views)), label)
+
+        loader.finish = finish
+    else:  # view-major float32 [V, B, R, R, 3]: each view is already a contiguous channels-last batch
+        loader.finish = lambda images, label: (*images.permute(0, 1, 4, 2, 3).unbind(0), label)
+    return loader
 
 
 def eval_loader(path: Path, *, batch_size: int, resolution: int | None = None, crop_ratio: float = 224 / 256,
                 num_workers: int = 2, distributed: bool = False, indices: Sequence[int] | None = None,
-                device: str | torch.device = "cpu") -> Loader:
+                device: str | torch.device = "cpu", device_ops: bool | None = None) -> EvalLoader:
     """Evaluation loader over ``path`` in file (or ``indices``) order: batches ``(images, labels)``.
 
     Each image is centre-cropped to ``crop_ratio`` of its side, resized to ``resolution`` (default: the
     file's), normalised like ssl_loader's views (float32 [B, 3, R, R], channels_last, on ``device``);
-    labels are int64 [B]. The last batch may be short. With ``distributed=True`` rank r reads samples
-    r, r + world, ...; torch's DistributedSampler pads the shards to equal length by repeating the first
-    samples, so a few samples appear twice when the count does not divide by the world size.
+    labels are int64 [B]; ``device_ops``: normalised on the device, as in ssl_loader. The last batch may be short. With
+    ``distributed=True`` rank r reads samples r, r + world, ...; torch's DistributedSampler pads the shards to
+    equal length by repeating the first samples, so a few samples appear twice when the count does not divide
+    by the world size.
 
     FFCV reuses batch buffers: clone anything kept beyond the next batch. numba compiles the pipeline on
     the first batch: build the loader once per process and reuse it.
@@ -159,11 +217,17 @@ def eval_loader(path: Path, *, batch_size: int, resolution: int | None = None, c
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
     _check_args(path, meta, batch_size, resolution, indices, distributed)
     device = torch.device(device)
-    pipelines = {
-        "image": [CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio), _normalize(meta),
-                  *_to_torch(device)],
-        "label": [IntDecoder(), *_label_ops(device)],
-    }
+    crop = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
+    on_device = _on_device(device, device_ops)
+    image_ops = ([crop, ToTensor(), *_to_device(device)] if on_device else
+                 [crop, A.Normalize(meta["mean"], meta["std"]), ToTensor(), ToTorchImage(channels_last=True)])
+    pipelines = {"image": image_ops, "label": [IntDecoder(), *_label_ops(device)]}
     # seed=0: with no seed FFCV draws one from numpy's global generator, a side effect on the caller.
-    return Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
-                  seed=0, distributed=distributed, indices=indices, pipelines=pipelines, drop_last=False)
+    loader = EvalLoader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                        seed=0, distributed=distributed, indices=indices, pipelines=pipelines, drop_last=False)
+    if on_device:
+        normalize = DeviceNormalize(meta["mean"], meta["std"], device)
+        loader.finish = lambda images, label: (normalize(images), label)
+    else:
+        loader.finish = lambda images, label: (images, label)
+    return loader

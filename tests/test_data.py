@@ -315,6 +315,68 @@ def test_ssl_views_change_with_the_epoch(ssl_run):
         assert not torch.equal(a[ia], b[ib])
 
 
+def _first_batch(loader) -> list[torch.Tensor]:
+    return [t.clone() for t in next(iter(loader))]
+
+
+def test_each_view_depends_only_on_its_recipe_and_index(ssl_run, id_beton, ssl_keep):
+    """All views come from one decode per image (SeededRandomResizedCrops), yet view v is exactly what it
+    would be with any other recipes beside it: nothing of one view leaks into another."""
+    from data.recipes import views_for
+    a, b = views_for("moco_v3")  # ssl_run's views
+    c = ViewRecipe(crop_min=0.5, flip_p=1.0, grayscale_p=1.0)  # every op of c differs from a's
+    kw = dict(batch_size=SSL_BATCH, indices=ssl_keep, seed=SSL_SEED)
+    a_b = ssl_run["first"]
+    a_only = _first_batch(ssl_loader(id_beton, views=(a,), **kw))
+    c_b_a = _first_batch(ssl_loader(id_beton, views=(c, b, a), **kw))
+    assert len(a_only) == 2 and len(c_b_a) == 4
+    torch.testing.assert_close(a_only[0], a_b[0], rtol=0, atol=0)  # view 0 without view 1
+    torch.testing.assert_close(c_b_a[1], a_b[1], rtol=0, atol=0)  # view 1 beside another view 0
+    for labels in (a_only[-1], c_b_a[-1]):  # same images in the same order
+        torch.testing.assert_close(labels, a_b[-1], rtol=0, atol=0)
+    assert not torch.equal(c_b_a[0], a_b[0]) and not torch.equal(c_b_a[2], a_b[1])
+
+
+@pytest.fixture(scope="module")
+def colour_beton(tmp_path_factory) -> Path:
+    """256 colourful 32 px images (smooth gradients plus noise): hue and saturation act on them, as they do not
+    on Fashion-MNIST's grays."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    phases = rng.uniform(0, 2 * np.pi, (256, 3, 1, 1))
+    images = 127.5 + 100 * np.sin(2 * np.pi * (xx + 0.7 * yy)[None, None] + phases)
+    images = np.clip(images + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return write_beton(np.ascontiguousarray(images), np.zeros(256, np.int64),
+                       tmp_path_factory.mktemp("colour") / "colour.beton", source="gradients", classes=["x"])
+
+
+def test_device_ops_give_the_same_bits(eval_run, colour_beton, beton):
+    """The GPU path run on the CPU: the loader only crops and flips, uint8 views and each image's colour
+    choices go to the device, which jitters, grays, blurs, solarizes and normalises them (MoCo v3's and
+    SimCLR's full recipes, on colourful images). The same float32 bits as the loader doing everything, in the
+    same channels-last layout. (FFCV compiled its stages with fast-math, which moved a few values by a level
+    on the host: data/augment.py compiles them strictly.)"""
+    from data.recipes import views_for
+    views = (*views_for("moco_v3"), views_for("simclr")[0])
+    ssl = [_first_batch(ssl_loader(colour_beton, batch_size=64, views=views, seed=SSL_SEED, device_ops=on))
+           for on in (False, True)]
+    evaluation = _first_batch(eval_loader(beton, batch_size=EVAL_BATCH, crop_ratio=1.0, device_ops=True))
+    for host, device in (ssl, (eval_run["first"], evaluation)):
+        assert len(host) == len(device)
+        for h, d in zip(host, device, strict=True):
+            assert h.dtype == d.dtype and h.shape == d.shape
+            torch.testing.assert_close(d, h, rtol=0, atol=0)
+        for d in device[:-1]:
+            assert d.is_contiguous(memory_format=torch.channels_last) and d.dtype == torch.float32
+
+
+def test_ffcv_compiles_its_stages_without_fast_math():
+    from ffcv.pipeline.compiler import Compiler
+
+    import data.augment  # noqa: F401  (replaces Compiler.compile)
+    assert "fastmath" not in Compiler.compile(lambda x: x).targetoptions
+
+
 # ---------------------------------------------------------------------------------------------- eval_loader
 
 

@@ -1,0 +1,271 @@
+"""The GPU side of the view recipe: colour jitter, grayscale, blur and solarize on uint8 image batches.
+
+The loader still crops and flips on the CPU and draws every random choice there (the seeded draws of
+data/augment.py's ``jitter_batch`` / ``grayscale_batch`` / ``blur_batch`` / ``solarize_batch``); it hands the
+choices over as one float64 row per image (layout below) and these functions apply them to a uint8
+[B, H, W, 3] batch on whatever device it lives on. Why: at 224 px the colour ops were about 40% of the
+loader's CPU time per image (two-view loaders on 2 cores), and they are cheap elementwise work on a GPU.
+
+Every function is bit-identical to its numba kernel in data/augment.py applied image by image: it repeats
+the kernel's float32 (and, where the kernel has them, float64 / int64) operations in the same order, one torch
+op each, so no fused multiply-add or reassociation can appear on any device. Keep it that way: no
+addcmul / lerp / ``add(alpha=...)`` with alpha other than 1, no ``torch.compile``, no ``scalar / tensor``
+(torch computes it as a reciprocal times the scalar), no division by a Python scalar (CUDA turns it into a
+multiplication by the reciprocal), no convolutions (another summation order).
+
+``params`` layout, one float64 row of ``params_width(recipe)`` columns per image:
+
+- ``COL_JITTER``: 1.0 if ColorJitter is applied, else 0.0
+- ``COL_ORDER`` (4 columns): the jitter order, a permutation of 0..3 (brightness, contrast, saturation, hue)
+- ``COL_FACTORS`` (4 columns): the four jitter factors, as ``jitter_params`` returns them
+- ``COL_GRAY``, ``COL_BLUR``, ``COL_SOLARIZE``: 1.0 if that op is applied
+- ``COL_WEIGHTS`` (2K + 1 columns, K = ``blur_radius(recipe.blur_sigma_max)``): the image's blur kernel,
+  ``gaussian_kernel(sigma, r)`` with r = min(ceil(3 sigma), H - 1, W - 1) as numba's gaussian_blur clips it,
+  centred at column ``COL_WEIGHTS + K`` and zero elsewhere (float32 values stored as float64).
+
+Columns of an op that is not applied are ignored. Pass ``params`` on the CPU: the decisions are read there,
+so no device synchronisation is needed to pick the images each op touches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from data.recipes import ViewRecipe
+
+COL_JITTER = 0
+COL_ORDER = slice(1, 5)
+COL_FACTORS = slice(5, 9)
+COL_GRAY = 9
+COL_BLUR = 10
+COL_SOLARIZE = 11
+COL_WEIGHTS = 12
+
+# data/augment.py's float32 constants, as the exact Python floats of those float32 values (so every device
+# casts them back to the same float32).
+_GR, _GG, _GB = (float(np.float32(v)) for v in (0.2989, 0.587, 0.114))
+_INV255 = float(np.float32(1.0 / 255.0))
+_SIXTH = float(np.float32(1.0 / 6.0))
+_TO_U8 = float(np.float32(255.0 + 1.0 - 1e-3))
+
+Tensor = torch.Tensor
+
+
+def blur_radius(sigma: float) -> int:
+    """data/augment.py's blur_radius: ceil(3 sigma) (repeated here: this module must not import numba)."""
+    return math.ceil(3.0 * sigma)
+
+
+def params_width(recipe: ViewRecipe) -> int:
+    """Columns of one image's ``params`` row for ``recipe``: 12 + the 2K + 1 blur weights."""
+    return COL_WEIGHTS + 2 * blur_radius(recipe.blur_sigma_max) + 1
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _per_image(v: Tensor, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A length-B parameter on x's device as ``dtype``, shaped [B, 1, 1, 1] to broadcast over an image."""
+    return v.to(x.device, dtype).reshape(-1, 1, 1, 1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """augment._gray in float32: ((r * 0.2989 + g * 0.587) + b * 0.114), [B, H, W]."""
+    y = x[..., 0].float() * _GR
+    y = y + x[..., 1].float() * _GG
+    return y + x[..., 2].float() * _GB
+
+
+def _to_u8(y: Tensor) -> Tensor:
+    """min(max(y, 0), 255), truncated to uint8 (y is a temporary: clamped in place)."""
+    return y.clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def _blend(x: Tensor, f: Tensor, g: Tensor) -> Tensor:
+    """augment._blend_lut's entries computed per pixel: trunc(clamp(x * f + g)), f and g float32."""
+    y = x.float() * f
+    return _to_u8(y + g)
+
+
+# ---------------------------------------------------------------------------------------------- colour ops
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """augment.adjust_brightness: trunc(clamp(x * f)).
+
+    The kernel also adds g = 0.0 * (1 - f), which is +-0.0: adding it changes no sum that is not zero, and a
+    zero one clamps to 0 either way, so it is left out.
+    """
+    return _to_u8(x.float() * _per_image(factor, x, torch.float32))
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """augment.adjust_contrast: blend with the mean of the floored gray image (int64 sum, float64 mean)."""
+    total = _gray(x).to(torch.int64).sum(dim=(1, 2)).to(torch.float64)
+    # Divide by a tensor, not a Python int: CUDA turns division by a scalar into a reciprocal multiplication.
+    mean = (total / torch.full_like(total, x.shape[1] * x.shape[2])).to(torch.float32)
+    factor = factor.to(x.device, torch.float64)
+    g = mean * (1.0 - factor).to(torch.float32)
+    return _blend(x, _per_image(factor, x, torch.float32), g.reshape(-1, 1, 1, 1))
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """augment.adjust_saturation: blend each pixel with its own floored gray value."""
+    factor = factor.to(x.device, torch.float64)
+    gray = _gray(x).trunc() * (1.0 - factor).to(torch.float32).reshape(-1, 1, 1)
+    return _blend(x, _per_image(factor, x, torch.float32), gray.unsqueeze(-1))
+
+
+def adjust_hue(x: Tensor, hue_factor: Tensor) -> Tensor:
+    """augment.adjust_hue: RGB -> HSV, h = (h + factor) mod 1, HSV -> RGB, each float32 step as the kernel."""
+    shift = hue_factor.to(x.device, torch.float64).to(torch.float32).reshape(-1, 1, 1)
+    r = x[..., 0].float() * _INV255
+    g = x[..., 1].float() * _INV255
+    b = x[..., 2].float() * _INV255
+    maxc = torch.maximum(r, torch.maximum(g, b))
+    minc = torch.minimum(r, torch.minimum(g, b))
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(cr)
+    s = cr / torch.where(eqc, ones, maxc)
+    inv = ones / torch.where(eqc, ones, cr)  # tensor / tensor: ``1 / t`` would be reciprocal() * 1
+    rc = (maxc - r) * inv
+    gc = (maxc - g) * inv
+    bc = (maxc - b) * inv
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, (rc + 2.0) - bc, (gc + 4.0) - rc))
+    h = h * _SIXTH
+    h = h + 1.0
+    h = torch.where(h >= 1.0, h - 1.0, h)
+    h = h + shift
+    h = torch.where(h < 0.0, h + 1.0, h)
+    h = torch.where(h >= 1.0, h - 1.0, h)
+    h6 = h * 6.0
+    sector = h6.to(torch.int32)
+    f = h6 - sector.to(torch.float32)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = ((1.0 - sxf) * maxc).clamp_(0.0, 1.0)
+    t = ((sxf + one_minus_s) * maxc).clamp_(0.0, 1.0)
+    p = (one_minus_s * maxc).clamp_(0.0, 1.0)
+    sector = torch.where(sector >= 6, sector - 6, sector)
+    # the kernel's rows of v2's select table [[v, q, p, p, t, v], [t, v, v, q, p, p], [p, p, t, v, v, q]]
+    ro = torch.where((sector == 0) | (sector == 5), maxc,
+                     torch.where(sector == 1, q, torch.where(sector < 4, p, t)))
+    go = torch.where(sector == 0, t, torch.where(sector < 3, maxc, torch.where(sector == 3, q, p)))
+    bo = torch.where(sector < 2, p, torch.where(sector == 2, t, torch.where(sector < 5, maxc, q)))
+    return (torch.stack((ro, go, bo), dim=-1) * _TO_U8).to(torch.uint8)
+
+
+def to_grayscale(x: Tensor) -> Tensor:
+    """augment.to_grayscale: the truncated luma in all three channels."""
+    return _gray(x).to(torch.uint8).unsqueeze(-1).expand(*x.shape).contiguous()
+
+
+def solarize(x: Tensor, threshold: int) -> Tensor:
+    """augment.solarize: values >= threshold become 255 - value (threshold 256 changes nothing)."""
+    level = math.ceil(threshold)  # v >= threshold for an integer v, a threshold that fits in the comparison
+    if level > 255:
+        return x.clone(memory_format=torch.contiguous_format)
+    return torch.where(x >= max(level, 0), 255 - x, x)
+
+
+# ---------------------------------------------------------------------------------------------- blur
+
+
+def _reflect_index(n: int, k: int, device: torch.device) -> Tensor:
+    """augment._reflect(i, n) for i in -k .. n + k - 1 (torch's 'reflect': no edge repeat).
+
+    Indices that one reflection cannot bring inside (k >= n) are clamped: numba clips the radius to n - 1, so
+    those taps have weight 0 and only need to read some finite pixel.
+    """
+    i = torch.arange(-k, n + k, device=device)
+    i = torch.where(i < 0, -i, torch.where(i >= n, 2 * n - 2 - i, i))
+    return i.clamp_(0, n - 1)
+
+
+def gaussian_blur(x: Tensor, weights: Tensor) -> Tensor:
+    """augment.gaussian_blur with each image's own kernel: ``weights`` float32 [B, 2K + 1], centred at K.
+
+    Like the kernel: a row pass into float32, then a column pass, each summing the taps one after another
+    from the leftmost (top) tap, then rint, clamp, uint8. An image whose radius r < K has zero weights outside
+    taps K - r .. K + r; those add exactly 0.0, so the sums have the bits of the kernel's 2 r + 1 taps.
+    """
+    b, h, w, _ = x.shape
+    k = weights.shape[1]
+    rad = (k - 1) // 2
+    if k != 2 * rad + 1 or weights.shape[0] != b:
+        raise ValueError(f"weights must be [B={b}, 2K + 1], got {tuple(weights.shape)}")
+    wts = weights.to(x.device, torch.float32)
+    taps = [wts[:, j].reshape(-1, 1, 1, 1) for j in range(k)]
+    src = x.index_select(2, _reflect_index(w, rad, x.device)).float()  # [B, H, W + 2K, 3]
+    acc = src[:, :, 0:w] * taps[0]
+    for j in range(1, k):
+        acc = acc + src[:, :, j:j + w] * taps[j]
+    src = acc.index_select(1, _reflect_index(h, rad, x.device))  # [B, H + 2K, W, 3]
+    acc = src[:, 0:h] * taps[0]
+    for j in range(1, k):
+        acc = acc + src[:, j:j + h] * taps[j]
+    return _to_u8(acc.round_())
+
+
+# ---------------------------------------------------------------------------------------------- jitter and view
+
+_JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
+    adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _rows(mask: Tensor) -> Tensor:
+    """Indices (CPU, int64) where a CPU boolean mask is set."""
+    return mask.nonzero().reshape(-1)
+
+
+def _apply_rows(out: Tensor, rows: Tensor, fn: Callable[..., Tensor], *args) -> None:
+    """out[rows] = fn(out[rows], *args) in place, only for the selected images (none: nothing runs)."""
+    if rows.numel() == 0:
+        return
+    idx = rows.to(out.device)
+    out[idx] = fn(out[idx], *args)
+
+
+def _jitter(out: Tensor, rows: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) -> None:
+    """color_jitter on out[rows] in place. ``order`` (CPU) and ``factors`` (any device) have one row per entry of
+    ``rows``; at step s each image gets its own op order[:, s], zero-strength ops skipped as numba does."""
+    strengths = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
+    for step in range(4):
+        for op, fn in enumerate(_JITTER_OPS):
+            if strengths[op] > 0:
+                sel = _rows(order[:, step] == op)
+                _apply_rows(out, rows[sel], fn, factors[sel.to(factors.device), op])
+
+
+def color_jitter(x: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) -> Tensor:
+    """augment.color_jitter per image: ``order`` int [B, 4] (each row a permutation of 0..3), ``factors`` float64
+    [B, 4]; brightness, contrast, saturation, hue whose strength in ``recipe`` is 0 are skipped."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    _jitter(out, torch.arange(x.shape[0]), order.cpu(), factors.to(x.device, torch.float64), recipe)
+    return out
+
+
+def apply_view(x: Tensor, params: Tensor, recipe: ViewRecipe) -> Tensor:
+    """The colour part of one view, after crop and flip: RandomApply(ColorJitter) -> RandomGrayscale ->
+    RandomApply(GaussianBlur) -> RandomApply(Solarize), with each image's decisions and parameters in
+    ``params`` (float64 [B, params_width(recipe)], layout in the module docstring). Each op runs on the
+    images it applies to only (blur, the dearest, is on 10% of one MoCo view)."""
+    width = params_width(recipe)
+    if params.ndim != 2 or params.shape != (x.shape[0], width):
+        raise ValueError(f"params must be [B={x.shape[0]}, {width}] for this recipe, got {tuple(params.shape)}")
+    host = params.detach().to("cpu", torch.float64)
+    dev = params.detach().to(x.device, torch.float64)
+    out = x.clone(memory_format=torch.contiguous_format)
+    rows = _rows(host[:, COL_JITTER] != 0)
+    if rows.numel():
+        _jitter(out, rows, host[rows, COL_ORDER].to(torch.int64), dev[rows.to(x.device), COL_FACTORS], recipe)
+    _apply_rows(out, _rows(host[:, COL_GRAY] != 0), to_grayscale)
+    rows = _rows(host[:, COL_BLUR] != 0)
+    _apply_rows(out, rows, gaussian_blur, dev[rows.to(x.device), COL_WEIGHTS:].to(torch.float32))
+    _apply_rows(out, _rows(host[:, COL_SOLARIZE] != 0), solarize, recipe.solarize_threshold)
+    return out
