@@ -223,30 +223,37 @@ def _rows(mask: Tensor) -> Tensor:
     return mask.nonzero().reshape(-1)
 
 
-def _apply_rows(out: Tensor, rows: Tensor, fn: Callable[..., Tensor], *args) -> None:
-    """out[rows] = fn(out[rows], *args) in place, only for the selected images (none: nothing runs)."""
-    if rows.numel() == 0:
-        return
-    idx = rows.to(out.device)
-    out[idx] = fn(out[idx], *args)
+def _on_device(index_sets: list[Tensor], device: torch.device) -> list[Tensor]:
+    """CPU index sets on ``device`` in one pinned, non-blocking copy. A pageable or blocking copy would wait
+    for every kernel queued before it (the previous training step), once per op and view."""
+    if device.type == "cpu" or not index_sets:
+        return index_sets
+    flat = torch.cat(index_sets).pin_memory().to(device, non_blocking=True)  # its own pinned block, kept
+    # by PyTorch's host allocator until the copy is done
+    return list(flat.split([len(rows) for rows in index_sets]))
 
 
-def _jitter(out: Tensor, rows: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) -> None:
-    """color_jitter on out[rows] in place. ``order`` (CPU) and ``factors`` (any device) have one row per entry of
-    ``rows``; at step s each image gets its own op order[:, s], zero-strength ops skipped as numba does."""
+def _jitter_plan(rows: Tensor, order: Tensor, recipe: ViewRecipe) -> list[tuple[int, Tensor]]:
+    """color_jitter as (op, image indices) in the order applied: at step s each image ``rows[i]`` gets its own op
+    ``order[i, s]``; ops whose strength in ``recipe`` is 0 are skipped, as numba does."""
     strengths = (recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
-    for step in range(4):
-        for op, fn in enumerate(_JITTER_OPS):
-            if strengths[op] > 0:
-                sel = _rows(order[:, step] == op)
-                _apply_rows(out, rows[sel], fn, factors[sel.to(factors.device), op])
+    return [(op, rows[order[:, step] == op]) for step in range(4) for op in range(4) if strengths[op] > 0]
+
+
+def _apply(out: Tensor, count: int, rows: Tensor, fn: Callable[..., Tensor], *args) -> None:
+    """out[rows] = fn(out[rows], *args) in place for ``count`` selected images (none: nothing runs)."""
+    if count:
+        out[rows] = fn(out[rows], *args)
 
 
 def color_jitter(x: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) -> Tensor:
     """augment.color_jitter per image: ``order`` int [B, 4] (each row a permutation of 0..3), ``factors`` float64
     [B, 4]; brightness, contrast, saturation, hue whose strength in ``recipe`` is 0 are skipped."""
+    plan = _jitter_plan(torch.arange(x.shape[0]), order.cpu().long(), recipe)
+    factors = factors.to(x.device, torch.float64)
     out = x.clone(memory_format=torch.contiguous_format)
-    _jitter(out, torch.arange(x.shape[0]), order.cpu(), factors.to(x.device, torch.float64), recipe)
+    for (op, host), rows in zip(plan, _on_device([rows for _, rows in plan], x.device), strict=True):
+        _apply(out, len(host), rows, _JITTER_OPS[op], factors[rows, op])
     return out
 
 
@@ -254,18 +261,23 @@ def apply_view(x: Tensor, params: Tensor, recipe: ViewRecipe) -> Tensor:
     """The colour part of one view, after crop and flip: RandomApply(ColorJitter) -> RandomGrayscale ->
     RandomApply(GaussianBlur) -> RandomApply(Solarize), with each image's decisions and parameters in
     ``params`` (float64 [B, params_width(recipe)], layout in the module docstring). Each op runs on the
-    images it applies to only (blur, the dearest, is on 10% of one MoCo view)."""
+    images it applies to only (blur, the dearest, is on 10% of one MoCo view). The decisions are read on the
+    host, and the image indices cross to the device in one non-blocking copy: no host sync."""
     width = params_width(recipe)
     if params.ndim != 2 or params.shape != (x.shape[0], width):
         raise ValueError(f"params must be [B={x.shape[0]}, {width}] for this recipe, got {tuple(params.shape)}")
     host = params.detach().to("cpu", torch.float64)
-    dev = params.detach().to(x.device, torch.float64)
+    # A pinned copy of its own, which PyTorch keeps until the transfer is done: FFCV refills its buffer later.
+    dev = host if x.device.type == "cpu" else host.pin_memory().to(x.device, non_blocking=True)
+    jitter_rows = _rows(host[:, COL_JITTER] != 0)
+    plan = _jitter_plan(jitter_rows, host[jitter_rows, COL_ORDER].long(), recipe)
+    later = [_rows(host[:, col] != 0) for col in (COL_GRAY, COL_BLUR, COL_SOLARIZE)]
+    *jitter, gray, blur, solar = _on_device([rows for _, rows in plan] + later, x.device)
     out = x.clone(memory_format=torch.contiguous_format)
-    rows = _rows(host[:, COL_JITTER] != 0)
-    if rows.numel():
-        _jitter(out, rows, host[rows, COL_ORDER].to(torch.int64), dev[rows.to(x.device), COL_FACTORS], recipe)
-    _apply_rows(out, _rows(host[:, COL_GRAY] != 0), to_grayscale)
-    rows = _rows(host[:, COL_BLUR] != 0)
-    _apply_rows(out, rows, gaussian_blur, dev[rows.to(x.device), COL_WEIGHTS:].to(torch.float32))
-    _apply_rows(out, _rows(host[:, COL_SOLARIZE] != 0), solarize, recipe.solarize_threshold)
+    for (op, host_rows), rows in zip(plan, jitter, strict=True):
+        _apply(out, len(host_rows), rows, _JITTER_OPS[op], dev[rows, COL_FACTORS.start + op])
+    n_gray, n_blur, n_solar = (len(rows) for rows in later)
+    _apply(out, n_gray, gray, to_grayscale)
+    _apply(out, n_blur, blur, gaussian_blur, dev[blur, COL_WEIGHTS:].to(torch.float32))
+    _apply(out, n_solar, solar, solarize, recipe.solarize_threshold)
     return out
