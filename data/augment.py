@@ -52,6 +52,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from numba import njit, prange
 
+from data.device_augment import COL_WEIGHTS, blur_radius, params_width
 from data.normalize import normalize_table
 
 # Compiled once per machine (numba's on-disk cache); error_model "numpy" drops the division-by-zero checks
@@ -270,11 +271,6 @@ def hflip(img):
                 img[y, w - 1 - x, c] = a
 
 
-def blur_radius(sigma: float) -> int:
-    """Half-width of the blur kernel: ceil(3 sigma), so kernel_size = 2 * ceil(3 sigma) + 1 (13 at sigma 2)."""
-    return math.ceil(3.0 * sigma)
-
-
 @_kernel
 def gaussian_kernel(sigma, radius):
     """v2's _get_gaussian_kernel1d(2 r + 1, sigma) in float32: softmax(-(x / sigma)^2), x = linspace(+-r/sqrt 2)."""
@@ -434,13 +430,20 @@ def grayscale_batch(images, view, indices, base, salt_, p):
             to_grayscale(images[n, view])
 
 
+@_kernel
+def blur_draw(key, sigma_lo, sigma_hi):
+    """GaussianBlur's sigma ~ U(sigma_lo, sigma_hi) (draw 1 of the op's key) and its radius ceil(3 sigma)."""
+    sigma = sigma_lo + (sigma_hi - sigma_lo) * uniform(key, 1)
+    return sigma, math.ceil(3.0 * sigma)
+
+
 @_batch
 def blur_batch(images, view, indices, base, salt_, p, sigma_lo, sigma_hi):
     for n in prange(images.shape[0]):
         key = sample_key(base, indices[n], salt_)
         if uniform(key, 0) < p:
-            sigma = sigma_lo + (sigma_hi - sigma_lo) * uniform(key, 1)
-            gaussian_blur(images[n, view], sigma, math.ceil(3.0 * sigma))
+            sigma, radius = blur_draw(key, sigma_lo, sigma_hi)
+            gaussian_blur(images[n, view], sigma, radius)
 
 
 @_batch
@@ -473,8 +476,8 @@ def view_params_batch(out, view, indices, base, salts, probs, centre, max_radius
             row[9] = 1.0
         key = sample_key(base, indices[n], salts[2])
         if uniform(key, 0) < probs[6]:
-            sigma = probs[7] + (probs[8] - probs[7]) * uniform(key, 1)
-            radius = min(math.ceil(3.0 * sigma), max_radius)  # gaussian_blur's clip to the image side
+            sigma, radius = blur_draw(key, probs[7], probs[8])
+            radius = min(radius, max_radius)  # gaussian_blur's clip to the image side
             row[10] = 1.0
             row[centre - radius:centre + radius + 1] = gaussian_kernel(sigma, radius)
         if uniform(sample_key(base, indices[n], salts[3]), 0) < probs[9]:
@@ -590,7 +593,6 @@ class ViewParams(Operation):
     """
 
     def __init__(self, recipes: Sequence, resolution: int) -> None:
-        from data.device_augment import COL_WEIGHTS, blur_radius, params_width
         super().__init__()
         self.recipes, self.resolution = tuple(recipes), resolution
         self.width = max(params_width(r) for r in self.recipes)

@@ -56,7 +56,8 @@ Tensor = torch.Tensor
 
 
 def blur_radius(sigma: float) -> int:
-    """data/augment.py's blur_radius: ceil(3 sigma) (repeated here: this module must not import numba)."""
+    """Half-width of the blur kernel: ceil(3 sigma), so kernel_size = 2 * ceil(3 sigma) + 1 (13 at sigma 2); the
+    numba side draws the same in augment.blur_draw."""
     return math.ceil(3.0 * sigma)
 
 
@@ -223,7 +224,7 @@ def _rows(mask: Tensor) -> Tensor:
     return mask.nonzero().reshape(-1)
 
 
-def _on_device(index_sets: list[Tensor], device: torch.device) -> list[Tensor]:
+def _indices_to(index_sets: list[Tensor], device: torch.device) -> list[Tensor]:
     """CPU index sets on ``device`` in one pinned, non-blocking copy. A pageable or blocking copy would wait
     for every kernel queued before it (the previous training step), once per op and view."""
     if device.type == "cpu" or not index_sets:
@@ -252,7 +253,7 @@ def color_jitter(x: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) 
     plan = _jitter_plan(torch.arange(x.shape[0]), order.cpu().long(), recipe)
     factors = factors.to(x.device, torch.float64)
     out = x.clone(memory_format=torch.contiguous_format)
-    for (op, host), rows in zip(plan, _on_device([rows for _, rows in plan], x.device), strict=True):
+    for (op, host), rows in zip(plan, _indices_to([rows for _, rows in plan], x.device), strict=True):
         _apply(out, len(host), rows, _JITTER_OPS[op], factors[rows, op])
     return out
 
@@ -272,7 +273,7 @@ def apply_view(x: Tensor, params: Tensor, recipe: ViewRecipe) -> Tensor:
     jitter_rows = _rows(host[:, COL_JITTER] != 0)
     plan = _jitter_plan(jitter_rows, host[jitter_rows, COL_ORDER].long(), recipe)
     later = [_rows(host[:, col] != 0) for col in (COL_GRAY, COL_BLUR, COL_SOLARIZE)]
-    *jitter, gray, blur, solar = _on_device([rows for _, rows in plan] + later, x.device)
+    *jitter, gray, blur, solar = _indices_to([rows for _, rows in plan] + later, x.device)
     out = x.clone(memory_format=torch.contiguous_format)
     for (op, host_rows), rows in zip(plan, jitter, strict=True):
         _apply(out, len(host_rows), rows, _JITTER_OPS[op], dev[rows, COL_FACTORS.start + op])

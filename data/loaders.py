@@ -68,26 +68,26 @@ class _Batches:
         self.epoch.close()
 
 
-class ViewLoader(A.SeededLoader):
+class _Finished:
+    """An FFCV Loader mixin: its batches pass through ``finish`` when one is set."""
+
+    finish = None
+
+    def __iter__(self):
+        epoch = super().__iter__()
+        return epoch if self.finish is None else _Batches(epoch, self.finish)
+
+
+class ViewLoader(_Finished, A.SeededLoader):
     """SeededLoader over [B, V, H, W, 3] multi-view images whose batches are ``(view_1, ..., view_V, label)``.
 
     ``finish`` turns FFCV's outputs (all views, [the colour choices,] labels) into that tuple: split the
     host-normalised view-major batch, or finish each uint8 view on the device (apply_view, DeviceNormalize).
     """
 
-    finish = None
 
-    def __iter__(self):
-        return _Batches(super().__iter__(), self.finish)
-
-
-class EvalLoader(Loader):
-    """FFCV Loader whose uint8 images are normalised on the device (DeviceNormalize) as they arrive."""
-
-    finish = None
-
-    def __iter__(self):
-        return _Batches(super().__iter__(), self.finish)
+class EvalLoader(_Finished, Loader):
+    """FFCV Loader whose uint8 images, with ``device_ops``, are normalised on the device (DeviceNormalize)."""
 
 
 def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indices: Sequence[int] | None,
@@ -228,6 +228,4 @@ def eval_loader(path: Path, *, batch_size: int, resolution: int | None = None, c
     if on_device:
         normalize = DeviceNormalize(meta["mean"], meta["std"], device)
         loader.finish = lambda images, label: (normalize(images), label)
-    else:
-        loader.finish = lambda images, label: (images, label)
     return loader
