@@ -75,10 +75,10 @@ def test_fused_views_equal_per_view_views_in_one_process(method, chunk):
 
 
 def test_cpu_chunks_keep_a_blocks_activations_in_the_last_level_cache():
-    from trainers.methods.views import LAST_LEVEL_CACHE_BYTES, cpu_chunk, last_level_cache_bytes
+    from trainers.methods.views import CHUNK_BYTES_MAX, LAST_LEVEL_CACHE_BYTES, cpu_chunk, last_level_cache_bytes
 
     vit = create_backbone("vit_tiny_patch4_32")  # 65 tokens, MLP width 768: 200 KB of activations per sample
-    assert cpu_chunk(vit) == max(1, LAST_LEVEL_CACHE_BYTES // 5 // (65 * 768 * 4))
+    assert cpu_chunk(vit) == max(1, min(LAST_LEVEL_CACHE_BYTES // 5, CHUNK_BYTES_MAX) // (65 * 768 * 4))
     assert last_level_cache_bytes() == LAST_LEVEL_CACHE_BYTES >= 2**20
     assert cpu_chunk(create_backbone("resnet50")) is None
 
