@@ -22,8 +22,8 @@ which FFCV allocates per epoch and passes on every call. Each seeded operation t
 Compile time: FFCV compiles each operation's closure with numba in every new loader (parallel loops are the
 slow part). Here the closures are trivial wrappers; the parallel batch loops and the per-image kernels are
 module-level functions compiled with ``cache=True``, so they are compiled once per machine (numba's on-disk
-cache next to this file) and loaded in later processes. Only the decoder (it calls FFCV's memory reader, a
-closure) and FFCV's glue are compiled per loader.
+cache next to this file) and loaded in later processes; the wrappers are cached too (data/ffcv_compile.py).
+Only the decoders (they call FFCV's C code through ctypes) and FFCV's glue are compiled per process.
 
 Per-image kernels follow ``torchvision.transforms.v2.functional`` on uint8 tensors step by step (float32
 arithmetic, the same truncation / rounding points), so each is tested against it (tests/test_augment.py).
@@ -32,7 +32,7 @@ Views: SeededRandomResizedCrops decodes each image once and cuts all its views i
 batch; every later op acts on its own view ``images[:, v]``. On a GPU (data.loaders' ``device_ops``) the
 loader's threads stop after the flips: ViewParams draws the colour choices with the same keys, and
 data/device_augment.py applies them there with the same bits, since every stage is compiled without
-fast-math (``_compile_strictly``).
+fast-math (data/ffcv_compile.py).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from ffcv.pipeline.state import State
 from numba import njit, prange
 
 from data.device_augment import COL_WEIGHTS, blur_radius, params_width
+from data.ffcv_compile import name_kernels
 from data.normalize import normalize_table
 
 # Compiled once per machine (numba's on-disk cache); error_model "numpy" drops the division-by-zero checks
@@ -60,24 +61,6 @@ from data.normalize import normalize_table
 _kernel = njit(cache=True, error_model="numpy")
 _batch = njit(cache=True, error_model="numpy", parallel=True)
 
-
-def _compile_strictly(cls, code, signature=None):
-    """FFCV's Compiler.compile without ``fastmath=True``.
-
-    FFCV compiles every pipeline stage with fast-math, and LLVM applies it to the kernels it inlines into
-    a stage: one level moved on about 1e-6 (hue, blur) to 1e-3 (saturation) of pixel values, and which
-    values moved depended on the process that compiled numba's cache, so one seed could give two sets of
-    views. Strict IEEE float32 everywhere: the same bits in every process, and on the device
-    (data/device_augment.py). The stages are glue around these kernels and FFCV's C decoders, so nothing
-    is lost (bench/loader.py).
-    """
-    parallel = getattr(code, "is_parallel", False) and cls.num_threads > 1
-    if not cls.is_enabled:
-        return code
-    return njit(signature, nogil=True, error_model="numpy", parallel=parallel)(code)
-
-
-Compiler.compile = classmethod(_compile_strictly)
 
 # ---------------------------------------------------------------------------------------------- random numbers
 
@@ -755,3 +738,6 @@ class SeededLoader(Loader):
         if self.code is None or self.recompile:
             self.generate_code()
         return _SeededEpochIterator(self, selected_order, key)
+
+
+name_kernels(globals())  # stages capturing these kernels can then be cached (data/ffcv_compile.py)

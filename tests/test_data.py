@@ -377,6 +377,40 @@ def test_ffcv_compiles_its_stages_without_fast_math():
     assert "fastmath" not in Compiler.compile(lambda x: x).targetoptions
 
 
+# The two-view loader of ssl_run, built in a fresh process; prints what numba compiled (not loaded from its
+# cache) while it yielded its first batch.
+COMPILED_IN_A_NEW_PROCESS = """
+import sys, numpy as np
+from numba.core import event
+from data.loaders import ssl_loader
+compiled = []
+class Compiled(event.Listener):
+    def on_start(self, e): compiled.append(e.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, e): pass
+event.register("numba:compile", Compiled())
+next(iter(ssl_loader(sys.argv[1], batch_size=int(sys.argv[2]), indices=np.load(sys.argv[3]), seed=int(sys.argv[4]))))
+print("\\n".join(compiled))
+"""
+
+
+def test_a_new_process_loads_the_two_view_stages_from_numbas_cache(ssl_run, id_beton, ssl_keep, tmp_path):
+    """ssl_run compiled this loader here and filled the cache: a new process (a trial's worker) compiles only
+    the decoder (it calls C through ctypes, which numba does not cache) and FFCV's generated glue, and adds no
+    cache entry (a dispatcher's random UUID in a cached closure's key would add one per process)."""
+    import subprocess
+    import sys
+
+    cache = sorted(p.name for p in (Path(__file__).parents[1] / "data" / "__pycache__").glob("*.nb[ic]"))
+    np.save(tmp_path / "keep.npy", ssl_keep)
+    out = subprocess.run([sys.executable, "-c", COMPILED_IN_A_NEW_PROCESS, str(id_beton), str(SSL_BATCH),
+                          str(tmp_path / "keep.npy"), str(SSL_SEED)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout.split()
+    assert any("seeded_op" in q for q in cache)  # the stages are cached at all
+    assert not [q for q in out if "seeded_op" in q or "normalize" in q or q.endswith(".read")], out
+    assert any(q.endswith(".decode") for q in out)  # the listener does see compilations
+    assert sorted(p.name for p in (Path(__file__).parents[1] / "data" / "__pycache__").glob("*.nb[ic]")) == cache
+
+
 # ---------------------------------------------------------------------------------------------- eval_loader
 
 

@@ -1,0 +1,73 @@
+"""How FFCV's pipeline stages are compiled here: without fast-math, and each one once per machine where it can be.
+
+FFCV compiles every operation's closure with numba in every new loader, and did so in every trial's worker:
+2.0 s for MoCo v3's two-view pipeline and 1.5 s for the two kNN loaders on 2 cores (bench/trial_overhead.py),
+although the pixel kernels themselves are module-level functions in numba's on-disk cache. ``compile_stage``
+replaces ``Compiler.compile`` (data.augment, which every loader imports, installs it):
+
+- Strict IEEE float32: FFCV's ``fastmath=True`` reached the kernels LLVM inlined into a stage and moved one
+  level on about 1e-6 (hue, blur) to 1e-3 (saturation) of pixel values, and which values moved depended on
+  the process that had compiled numba's cache, so one seed could give two sets of views. Strict arithmetic
+  gives the same bits in every process and on the device (data/device_augment.py), at no measured cost: the
+  stages are glue around the kernels and FFCV's C decoders (bench/loader.py).
+- A closure defined in a file is compiled with ``cache=True``. numba keys a cached closure by its bytecode
+  and the pickle of its closure cells, and a cell holding a dispatcher pickles that dispatcher's UUID,
+  random per process: every process would miss and add an entry. So the module-level kernels a stage
+  captures get their qualified names as UUIDs instead (``name_kernels``), and a stage whose cells hold any
+  other dispatcher is not cached. numba itself declines to cache what calls C through ctypes (the JPEG
+  decoders and FFCV's crop), and code FFCV generates with ``exec`` (a stage's glue) has no file: those still
+  compile in every process. A cache entry is dropped when its file changes; the kernels named here live in
+  the file that defines the stages calling them (data/augment.py), so editing one drops both.
+- Each loader keeps its own compiled stages, as FFCV does: numba's finalizers of a collected loader's code
+  remove overloads from the dispatchers it used, so a stage shared with a later loader broke it (KeyError
+  in ``nopython_signatures``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ffcv.pipeline.compiler import Compiler
+from numba import njit
+from numba.core.errors import NumbaWarning
+from numba.core.registry import CPUDispatcher
+
+# numba says so once per uncachable stage (the ctypes decoders); that is expected, not the user's concern.
+warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+
+_NAMED: set[str] = set()  # UUIDs given here, the same in every process
+
+
+def name_kernels(namespace: dict) -> None:
+    """Give every numba dispatcher in a module's ``namespace`` (its ``globals()``) its qualified name as UUID."""
+    for attr, obj in namespace.items():
+        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == namespace["__name__"]:
+            name = f"{namespace['__name__']}.{attr}"
+            obj._set_uuid(name)  # numba's own hook, for a dispatcher rebuilt from a pickle
+            _NAMED.add(name)
+
+
+def _captured(obj) -> list[CPUDispatcher]:
+    """The dispatchers in a closure cell's value, looking into tuples and lists (an op's parameters)."""
+    if isinstance(obj, CPUDispatcher):
+        return [obj]
+    return [d for item in obj for d in _captured(item)] if isinstance(obj, tuple | list) else []
+
+
+def _cachable(code) -> bool:
+    """Whether numba's key for ``code`` is the same in every process: it comes from a file and captures no
+    dispatcher but named kernels."""
+    if code.__code__.co_filename in ("", "<string>"):
+        return False
+    return all(d._uuid in _NAMED for d in _captured(tuple(c.cell_contents for c in code.__closure__ or ())))
+
+
+def compile_stage(cls, code, signature=None):
+    """``Compiler.compile``: ``code`` compiled without fast-math, and cached on disk where that is safe."""
+    if not cls.is_enabled:
+        return code
+    parallel = getattr(code, "is_parallel", False) and cls.num_threads > 1
+    return njit(signature, nogil=True, error_model="numpy", parallel=parallel, cache=_cachable(code))(code)
+
+
+Compiler.compile = classmethod(compile_stage)
