@@ -373,7 +373,7 @@ def test_device_ops_give_the_same_bits(eval_run, colour_beton, beton):
 def test_ffcv_compiles_its_stages_without_fast_math():
     from ffcv.pipeline.compiler import Compiler
 
-    import data.augment  # noqa: F401  (replaces Compiler.compile)
+    import data.ffcv_compile  # noqa: F401  (replaces Compiler.compile)
     assert "fastmath" not in Compiler.compile(lambda x: x).targetoptions
 
 
@@ -400,15 +400,17 @@ def test_a_new_process_loads_the_two_view_stages_from_numbas_cache(ssl_run, id_b
     import subprocess
     import sys
 
-    cache = sorted(p.name for p in (Path(__file__).parents[1] / "data" / "__pycache__").glob("*.nb[ic]"))
+    root = Path(__file__).parents[1]
+    entries = lambda: sorted(p.name for p in (root / "data" / "__pycache__").glob("*.nb[ic]"))  # noqa: E731
+    cache = entries()
     np.save(tmp_path / "keep.npy", ssl_keep)
     out = subprocess.run([sys.executable, "-c", COMPILED_IN_A_NEW_PROCESS, str(id_beton), str(SSL_BATCH),
                           str(tmp_path / "keep.npy"), str(SSL_SEED)], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1]).stdout.split()
+                         cwd=root).stdout.split()
     assert any("seeded_op" in q for q in cache)  # the stages are cached at all
     assert not [q for q in out if "seeded_op" in q or "normalize" in q or q.endswith(".read")], out
     assert any(q.endswith(".decode") for q in out)  # the listener does see compilations
-    assert sorted(p.name for p in (Path(__file__).parents[1] / "data" / "__pycache__").glob("*.nb[ic]")) == cache
+    assert entries() == cache
 
 
 # ---------------------------------------------------------------------------------------------- eval_loader

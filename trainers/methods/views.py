@@ -47,7 +47,7 @@ def cpu_chunk(encoder: nn.Module) -> int | None:
     both; at depth 12 / batch 64, chunks of 32 ran at 1.13x one forward per view, and 16 were slower. On GPU one
     forward over both views stays fastest (bigger kernels), so chunks are for CPU only. On 2 cores of a Xeon
     with a 480 MiB L3, chunks of 40 (8 MiB) ran at 1.74x one forward over both views at depth 4 / batch 256 and
-    1.34x at depth 12 / batch 64; 24 to 64 were within 7% of it.
+    1.13x and 1.34x at depth 12 / batch 64 in two runs; 24 to 64 were within 7% of 40.
     """
     blocks, patch_embed = getattr(encoder, "blocks", None), getattr(encoder, "patch_embed", None)
     fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
