@@ -3,7 +3,8 @@ rounding), for MoCo v3, BYOL and SimCLR, in one process and in two:
 
 - both views through a LayerNorm ViT as one batch, or regrouped in chunks (CPU: ``views.cpu_chunk``); backbones
   with BatchNorm keep per-view statistics;
-- the last block of a class-token ViT run for the class token only (``ClassTokenViT``; not for ViT-BN or avg).
+- the last block of a class-token ViT run for the class token only (``ClassTokenViT``; not for ViT-BN or avg);
+- the heads' Linear layers once over both views, their BatchNorms per view (``views.head_views``).
 """
 
 import pytest
@@ -61,6 +62,37 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         assert_close(a[key], b[key], msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_heads_over_both_views_equal_a_pass_per_view(method):
+    import copy
+
+    from trainers.methods.views import head_views
+
+    net = model(method, fused=True)
+    heads = [net.projector] + ([net.predictor] if hasattr(net, "predictor") else [])
+    twins = copy.deepcopy(heads)
+    g = torch.Generator().manual_seed(2)
+    h1, h2 = (torch.randn(BATCH, net.backbone.num_features, generator=g) for _ in range(2))
+    x1, x2 = head_views(heads, h1, h2)
+
+    def through(x):
+        for head in twins:
+            x = head(x)
+        return x
+
+    y1, y2 = through(h1), through(h2)
+    assert_close(x1, y1), assert_close(x2, y2)
+    (x1 * x2.flip(0)).sum().backward()  # a loss that mixes the views, as the contrastive losses do
+    (y1 * y2.flip(0)).sum().backward()
+    ours, plain = torch.nn.ModuleList(heads), torch.nn.ModuleList(twins)
+    # running mean and variance (each BN saw each view once), then every gradient
+    pairs = {**{k: (v, plain.state_dict()[k]) for k, v in ours.state_dict().items()},
+             **{f"grad.{k}": (p.grad, plain.get_parameter(k).grad) for k, p in ours.named_parameters()}}
+    assert len(pairs) > 10 and all(b is not None for _, b in pairs.values())
+    for key, (a, b) in pairs.items():
+        assert_close(a.float(), b.float(), msg=key)
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

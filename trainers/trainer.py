@@ -31,6 +31,7 @@ from trainers import distributed as dist
 from trainers.backbones import create_backbone
 from trainers.config import PRECISIONS, TrainConfig
 from trainers.evaluation import evaluate
+from trainers.host import keep_freed_memory
 from trainers.methods import build_method
 from trainers.optim import create_optimizer
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
@@ -206,6 +207,8 @@ class Trainer:
                  model: nn.Module | None = None, callbacks: Sequence[Callback] | None = None) -> None:
         seed_everything(cfg.seed)
         self.cfg, self.device = cfg, torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step reuses the last one's pages: trainers/host.py
         self.world, self.rank = dist.world_size(), dist.rank()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} does not divide by the {self.world} workers")

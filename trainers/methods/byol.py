@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from trainers.heads import mlp
 from trainers.losses import ByolLoss
 from trainers.methods.momentum import ema_update_
-from trainers.methods.views import encode_views, has_batchnorm
+from trainers.methods.views import encode_views, has_batchnorm, head_views
 
 
 class BYOL(nn.Module):
@@ -59,9 +59,9 @@ class BYOL(nn.Module):
         if moco_m is not None:  # None: the caller did (as MoCoV3.forward says why)
             self.update_momentum(moco_m)
         h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
-        p1, p2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
+        p1, p2 = head_views((self.projector, self.predictor), h1, h2)
         with torch.no_grad():
             g1, g2 = encode_views(self.target_backbone, x1, x2, self.fuse_views, self.view_chunk)
-            z1, z2 = self.target_projector(g1), self.target_projector(g2)
+            z1, z2 = head_views((self.target_projector,), g1, g2)
         loss = self.criterion(p1, z2) + self.criterion(p2, z1)
         return loss, h1.detach()

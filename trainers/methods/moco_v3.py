@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from trainers.heads import mlp
 from trainers.losses import CtrLoss
 from trainers.methods.momentum import ema_update_
-from trainers.methods.views import encode_views, has_batchnorm
+from trainers.methods.views import encode_views, has_batchnorm, head_views
 
 
 class MoCoV3(nn.Module):
@@ -64,9 +64,9 @@ class MoCoV3(nn.Module):
         if moco_m is not None:
             self.update_momentum(moco_m)
         h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
-        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
+        q1, q2 = head_views((self.projector, self.predictor), h1, h2)
         with torch.no_grad():
             g1, g2 = encode_views(self.momentum_backbone, x1, x2, self.fuse_views, self.view_chunk)
-            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)
+            k1, k2 = head_views((self.momentum_projector,), g1, g2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         return loss, h1.detach()

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from trainers.heads import mlp
 from trainers.losses import NTXentLoss
-from trainers.methods.views import encode_views, has_batchnorm
+from trainers.methods.views import encode_views, has_batchnorm, head_views
 
 
 class SimCLR(nn.Module):
@@ -47,5 +47,5 @@ class SimCLR(nn.Module):
         statistics); the backbone too where it has BN (``fuse_views``).
         """
         h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
-        z1, z2 = self.projector(h1), self.projector(h2)
+        z1, z2 = head_views((self.projector,), h1, h2)
         return self.criterion(z1, z2), h1.detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -74,3 +75,18 @@ def encode_views(encoder: nn.Module, x1: Tensor, x2: Tensor, fused: bool,
     h = encoder(x) if not chunk or chunk >= len(x) else torch.cat([encoder(c) for c in x.split(chunk)])
     h1, h2 = h.chunk(2)
     return h1, h2
+
+
+def head_views(heads: Sequence[nn.Module], h1: Tensor, h2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(heads(h1), heads(h2))`` through the MLPs ``heads`` in turn: each layer once over both views' rows, but
+    each BatchNorm once per view, so that its statistics (and running averages) are per view as in the paper.
+
+    Exact up to fp32 rounding, and cheaper than a pass per view: one GEMM per Linear and one weight gradient
+    with twice the rows, instead of two gradients and their sum (a 4096 x 4096 projector layer: 64 MB
+    allocated and added per step; at depth 12 / batch 64 on CPU those two were a tenth of the step).
+    """
+    n, x = len(h1), torch.cat([h1, h2])
+    for layer in (layer for head in heads for layer in head):
+        x = torch.cat([layer(x[:n]), layer(x[n:])]) if isinstance(layer, _BatchNorm) else layer(x)
+    x1, x2 = x.split(n)
+    return x1, x2
