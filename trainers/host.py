@@ -1,12 +1,14 @@
 """The training process's host memory: keep what a step frees for the next step (CPU training, glibc).
 
-A CPU step allocates and frees its activations every step, hundreds of MB (MoCo v3, ViT dim 192 / depth 12,
-batch 64: about 1.5 GB). glibc hands every block above its mmap threshold (at most 32 MiB, adjusted as blocks
-are freed) back to the kernel on free, and trims the heap's top once 2x that is free, so the next step touches
-fresh pages again: 520,000 page faults in a step at depth 4 / batch 256, a third of the process's time in the
-kernel. Raising both thresholds keeps the pages in the process: measured on 2 cores of a Xeon (one process,
-`bench/trainer.py --official`), the official MoCo v3 step ran at 1.5x its images/s at depth 4 / batch 256 and
-1.2x at depth 12 / batch 64, ours at 1.17x and 1.05x (its chunked views allocate less per forward). The cost:
+A CPU step allocates and frees its activations every step. glibc hands every block above its mmap threshold
+(at most 32 MiB, adjusted as blocks are freed) back to the kernel on free, and trims the heap's top once 2x
+that is free, so the next step touches fresh pages again: 808,000 page faults in an official MoCo v3 step at
+depth 4 / batch 256 (ViT dim 192), 1.5 of its 6.1 CPU seconds in the kernel; 3,900 with both thresholds raised,
+which keeps the pages in the process. Measured on 2 cores of a Xeon (`bench/trainer.py --official`, a process
+per contestant), the official step then ran at 1.37x its images/s at depth 4 / batch 256 and 1.16x at depth
+12 / batch 64, ours at 1.17x and 1.05-1.13x (its chunked views allocate less per forward). Not every fault
+goes: PyTorch allocates with ``posix_memalign``, which asks for a block plus its alignment, so a freed block of
+exactly that size is not reused and the heap grows past it (strace) until freed neighbours merge. The cost:
 the process keeps its peak heap after a step, which the next step needs anyway.
 """
 
