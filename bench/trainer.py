@@ -166,6 +166,13 @@ def serve_contestant(conn, name: str, checkout: Path, depth: int, batch: int) ->
         conn.send(batch * n / (time.perf_counter() - tic))
 
 
+def receive(name: str, conn):
+    try:
+        return conn.recv()
+    except EOFError:
+        raise SystemExit(f"the process of contestant {name!r} died; its error is above") from None
+
+
 def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps: int, names: list[str]) -> dict:
     """Median images/s of each contestant, same architecture and batch, each in its own process, in rounds
     interleaved across them (their order reversed every other round) while the others wait.
@@ -184,14 +191,14 @@ def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps:
         procs[-1].start()
         conns[name] = parent
     try:
-        n_params = {name: conn.recv() for name, conn in conns.items()}
+        n_params = {name: receive(name, conn) for name, conn in conns.items()}
         if len(set(n_params.values())) > 1:  # the same model on every side, or the ratio means nothing
             raise SystemExit(f"trainable parameters differ: {n_params}")
         rates: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
             for name in names[:: 1 if r % 2 == 0 else -1]:
                 conns[name].send(steps)
-                rates[name].append(conns[name].recv())
+                rates[name].append(receive(name, conns[name]))
     finally:
         for conn in conns.values():
             with contextlib.suppress(OSError):  # that contestant's process died: its error is above
@@ -202,6 +209,11 @@ def official_vs_ours(checkout: Path, depth: int, batch: int, rounds: int, steps:
 
 
 def compare_official(checkout: Path, rounds: int, steps: int | None, compiled: bool) -> None:
+    missing = [rel for rel in OFFICIAL_PATCHES if not (checkout / rel).is_file()]
+    if missing:
+        print(f"--official {checkout}: no {', '.join(missing)}; expected a facebookresearch/moco-v3 checkout "
+              f"(git clone https://github.com/facebookresearch/moco-v3)", file=sys.stderr)
+        raise SystemExit(2)
     names = [n for n in CONTESTANTS if compiled or n != "ours compiled"]
     print(f"official {checkout} vs ours on CPU ({os.cpu_count()} threads), fp32, median of {rounds} rounds "
           f"interleaved across one process per contestant; 'memory kept': glibc keeps freed pages "
