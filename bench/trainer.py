@@ -144,7 +144,8 @@ def contestant(name: str, checkout: Path, depth: int, batch: int):
                                                                          stop_grad_conv1=True),
                                              dim=256, mlp_dim=4096, temperature=0.2))
         model = trainer.net
-        step = partial(lambda t, i: t.train_step(i, x1, x2, labels), trainer)
+        def step(i: int) -> None:
+            trainer.train_step(i, x1, x2, labels)
     return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -53,8 +53,8 @@ class BYOL(nn.Module):
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
         The target is updated first (with the current online weights), as MoCo v3 does for its momentum encoder,
-        so that every method of the study follows one order. The heads see the two views separately (per-view BN
-        statistics); the backbones too where they have BN (``fuse_views``).
+        so that every method of the study follows one order. The heads' BatchNorms see the two views separately
+        (per-view statistics, ``views.head_views``); the backbones too where they have BN (``fuse_views``).
         """
         if moco_m is not None:  # None: the caller did (as MoCoV3.forward says why)
             self.update_momentum(moco_m)

@@ -55,8 +55,8 @@ class MoCoV3(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor, moco_m: float | None = None) -> tuple[Tensor, Tensor]:
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
-        The heads see the two views separately, so that their BN statistics are per view (as in the official
-        code); the backbones too where they have BN (``fuse_views``).
+        The heads' BatchNorms see the two views separately, so that their statistics are per view (as in the
+        official code; ``views.head_views``); the backbones too where they have BN (``fuse_views``).
         """
         # The official code updates the momentum encoder before computing the keys (same step's base weights).
         # moco_m None: the caller did (the Trainer, outside a compiled forward, where a float changing every

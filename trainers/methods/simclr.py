@@ -43,8 +43,8 @@ class SimCLR(nn.Module):
         """Return (loss, features): features are view 1's backbone outputs (detached) for a kNN monitor.
 
         ``moco_m`` is accepted and ignored (SimCLR has no momentum encoder) so that every method shares the
-        signature ``forward(x1, x2, moco_m)``. The projector sees the views separately (per-view BN
-        statistics); the backbone too where it has BN (``fuse_views``).
+        signature ``forward(x1, x2, moco_m)``. The projector's BatchNorms see the views separately
+        (per-view statistics, ``views.head_views``); the backbone too where it has BN (``fuse_views``).
         """
         h1, h2 = encode_views(self.backbone, x1, x2, self.fuse_views, self.view_chunk)
         z1, z2 = head_views((self.projector,), h1, h2)

@@ -11,7 +11,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 FALLBACK_CACHE_BYTES = 32 * 2**20  # where sysfs cannot tell (not Linux): a server CPU's L3
 # A large server L3 is shared by all the host's cores (480 MiB on a 2-vCPU slice of a Xeon with AMX): a chunk
-# sized from all of it ran at 0.57x (depth 4) of one sized to 8 MiB, so the budget stops there.
+# sized from all of it ran at 0.57x (depth 4) of one sized to 8 MiB (0.85x with freed memory kept,
+# trainers/host.py), so the budget stops there.
 CHUNK_BYTES_MAX = 8 * 2**20
 
 
@@ -48,7 +49,9 @@ def cpu_chunk(encoder: nn.Module) -> int | None:
     both; at depth 12 / batch 64, chunks of 32 ran at 1.13x one forward per view, and 16 were slower. On GPU one
     forward over both views stays fastest (bigger kernels), so chunks are for CPU only. On 2 cores of a Xeon
     with a 480 MiB L3, chunks of 40 (8 MiB) ran at 1.74x one forward over both views at depth 4 / batch 256 and
-    1.13x and 1.34x at depth 12 / batch 64 in two runs; 24 to 64 were within 7% of 40.
+    1.13x and 1.34x at depth 12 / batch 64 in two runs; 24 to 64 were within 7% of 40. Those figures are with
+    glibc's default allocator; with freed memory kept (trainers/host.py, as the Trainer sets on CPU), chunks
+    of 40 ran at 1.18x one forward over both views at depth 4 and chunks of 43 at 1.07x at depth 12.
     """
     blocks, patch_embed = getattr(encoder, "blocks", None), getattr(encoder, "patch_embed", None)
     fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
@@ -66,7 +69,8 @@ def encode_views(encoder: nn.Module, x1: Tensor, x2: Tensor, fused: bool,
 
     Fuse only an encoder in which every sample is computed on its own (a LayerNorm ViT without dropout): the
     outputs are then the same up to fp32 rounding whatever the grouping. An encoder with BatchNorm (ViT-BN,
-    ResNet, the heads) must see the views one at a time: its statistics are per view, as in the paper.
+    ResNet) must see the views one at a time: its statistics are per view, as in the paper (the heads:
+    ``head_views``).
     """
     if not fused:
         return encoder(x1), encoder(x2)
@@ -82,8 +86,8 @@ def head_views(heads: Sequence[nn.Module], h1: Tensor, h2: Tensor) -> tuple[Tens
     each BatchNorm once per view, so that its statistics (and running averages) are per view as in the paper.
 
     Exact up to fp32 rounding, and cheaper than a pass per view: one GEMM per Linear and one weight gradient
-    with twice the rows, instead of two gradients and their sum (a 4096 x 4096 projector layer: 64 MB
-    allocated and added per step; at depth 12 / batch 64 on CPU those two were a tenth of the step).
+    with twice the rows, instead of two gradients and their sum (a 4096 x 4096 projector layer: a 64 MB sum
+    per step). MoCo v3 at depth 12 / batch 64 on 2 CPU cores: 1.02x the images/s of a pass per view.
     """
     n, x = len(h1), torch.cat([h1, h2])
     for layer in (layer for head in heads for layer in head):
