@@ -44,8 +44,6 @@ from dataclasses import replace
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
-from ffcv.loader import Loader
-from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -54,6 +52,7 @@ from numba import njit, prange
 
 from data.device_augment import COL_WEIGHTS, blur_radius, params_width
 from data.ffcv_compile import name_kernels
+from data.loader_thread import GuardedEpochIterator, GuardedLoader
 from data.normalize import normalize_table
 
 # Compiled once per machine (numba's on-disk cache); error_model "numpy" drops the division-by-zero checks
@@ -702,8 +701,8 @@ class SeededRandomResizedCrops(ResizedCropRGBImageDecoder):
 # ---------------------------------------------------------------------------------------------- loader
 
 
-class _SeededEpochIterator(EpochIterator):
-    """FFCV's EpochIterator that writes the epoch key into every seeded op's key cell before each batch."""
+class _SeededEpochIterator(GuardedEpochIterator):
+    """The loader's epoch iterator, which writes the epoch key into every seeded op's key cell before each batch."""
 
     def __init__(self, loader: SeededLoader, order, key: np.uint64) -> None:
         self.key = key
@@ -722,22 +721,14 @@ def _is_seeded(node) -> bool:
     return isinstance(op, (SeededOperation, SeededRandomResizedCrops, ViewParams))
 
 
-class SeededLoader(Loader):
-    """ffcv.loader.Loader whose seeded operations see ``epoch_key(seed, epoch)``: same seed, same views.
-
-    ``__iter__`` is FFCV 1.0.2's, with the epoch iterator swapped for one that fills the key cells.
-    ``next_epoch`` (settable, as on Loader) picks the epoch, so a resumed run gets the same order and views.
+class SeededLoader(GuardedLoader):
+    """A guarded FFCV loader (data/loader_thread.py) whose seeded operations see ``epoch_key(seed, epoch)``:
+    same seed, same views. ``next_epoch`` (settable, as on Loader) picks the epoch, so a resumed run gets the
+    same order and views.
     """
 
-    def __iter__(self):
-        Compiler.set_num_threads(self.num_workers)
-        order = self.next_traversal_order()
-        selected_order = order[:len(self) * self.batch_size]
-        key = epoch_key(self.seed, self.next_epoch)
-        self.next_epoch += 1
-        if self.code is None or self.recompile:
-            self.generate_code()
-        return _SeededEpochIterator(self, selected_order, key)
+    def epoch_iterator(self, order, epoch: int) -> _SeededEpochIterator:
+        return _SeededEpochIterator(self, order, epoch_key(self.seed, epoch))
 
 
 name_kernels(globals())  # stages capturing these kernels can then be cached (data/ffcv_compile.py)

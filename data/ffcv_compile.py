@@ -18,24 +18,38 @@ replaces ``Compiler.compile`` (data.augment, which every loader imports, install
   decoders and FFCV's crop), and code FFCV generates with ``exec`` (a stage's glue) has no file: those still
   compile in every process. A cache entry is dropped when its file changes; the kernels named here live in
   the file that defines the stages calling them (data/augment.py), so editing one drops both.
-- Each loader keeps its own compiled stages, as FFCV does: numba's finalizers of a collected loader's code
-  remove overloads from the dispatchers it used, so a stage shared with a later loader broke it (KeyError
-  in ``nopython_signatures``).
+- One compiled stage per distinct stage and process, named by its content. numba names a function's
+  symbols after its qualified name, its argument types and a counter of the process that compiled it, and a
+  cached entry keeps the compiling process's counter. LLVM's engine resolves a symbol to the first module
+  that defined it, so an entry loaded twice in one process (FFCV's reader and label decoder, in every
+  loader), or two entries whose counters happened to match in the processes that compiled them (views in
+  another order), gave a later loader the first one's function and environment. When that environment's
+  owner was collected, the stage's boxing read a freed constant: ``'descr' is NULL`` in the loader thread
+  and a hang (3 of 20 processes; 4 of 20 here), or a crash. So a cachable stage gets a qualified name that
+  ends in a digest of its bytecode and closure (different stages, different symbols in every process), and
+  the process compiles or loads it once and keeps that dispatcher for its life (``_STAGES``; a few dozen
+  small stages), so no symbol is ever defined twice and no finalizer removes code a later loader calls.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import types
 import warnings
 
 from ffcv.pipeline.compiler import Compiler
 from numba import njit
 from numba.core.errors import NumbaWarning
 from numba.core.registry import CPUDispatcher
+from numba.core.serialize import dumps
 
 # numba says so once per uncachable stage (the ctypes decoders); that is expected, not the user's concern.
 warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
 
 _NAMED: set[str] = set()  # UUIDs given here, the same in every process
+_STAGES: dict[tuple, CPUDispatcher] = {}  # a cachable stage's digest and options -> its one dispatcher
+_STAGES_LOCK = threading.Lock()
 
 
 def name_kernels(namespace: dict) -> None:
@@ -62,12 +76,30 @@ def _cachable(code) -> bool:
     return all(d._uuid in _NAMED for d in _captured(tuple(c.cell_contents for c in code.__closure__ or ())))
 
 
+def _digest(code) -> str:
+    """What numba's cache index keys a closure by (its bytecode and its cells' pickle), as one hex digest."""
+    cells = tuple(c.cell_contents for c in code.__closure__ or ())
+    return hashlib.sha256(code.__code__.co_code + dumps(cells)).hexdigest()[:20]
+
+
 def compile_stage(cls, code, signature=None):
-    """``Compiler.compile``: ``code`` compiled without fast-math, and cached on disk where that is safe."""
+    """``Compiler.compile``: ``code`` compiled without fast-math; a cachable stage once per process, from disk."""
     if not cls.is_enabled:
         return code
     parallel = getattr(code, "is_parallel", False) and cls.num_threads > 1
-    return njit(signature, nogil=True, error_model="numpy", parallel=parallel, cache=_cachable(code))(code)
+    options = dict(nogil=True, error_model="numpy", parallel=parallel)
+    if "<locals>" not in code.__qualname__ or not _cachable(code):
+        # A module's own function (FFCV's imdecode, get_center_crop): compiled here, so never loaded twice.
+        # Shared between loaders, a ctypes one raised KeyError in numba's typing while two loaders compiled.
+        return njit(signature, **options)(code)
+    f = code.__code__
+    key = (f.co_filename, f.co_firstlineno, code.__qualname__, _digest(code), parallel, signature)
+    with _STAGES_LOCK:
+        if key not in _STAGES:
+            named = types.FunctionType(f, code.__globals__, code.__name__, code.__defaults__, code.__closure__)
+            named.__qualname__ = f"{code.__qualname__}_{key[3]}"  # numba's symbol names and cache file follow it
+            _STAGES[key] = njit(signature, cache=True, **options)(named)
+        return _STAGES[key]
 
 
 Compiler.compile = classmethod(compile_stage)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
+from ffcv.loader import OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -28,6 +28,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from data import augment as A
 from data.convert import read_metadata
 from data.device_augment import apply_view, params_width
+from data.loader_thread import GuardedLoader
 from data.normalize import DeviceNormalize
 from data.recipes import MOCO_V3_VIEWS, ViewRecipe, views_for
 
@@ -86,8 +87,9 @@ class ViewLoader(_Finished, A.SeededLoader):
     """
 
 
-class EvalLoader(_Finished, Loader):
-    """FFCV Loader whose uint8 images, with ``device_ops``, are normalised on the device (DeviceNormalize)."""
+class EvalLoader(_Finished, GuardedLoader):
+    """A guarded FFCV Loader (data/loader_thread.py) whose uint8 images, with ``device_ops``, are normalised on
+    the device (DeviceNormalize)."""
 
 
 def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indices: Sequence[int] | None,
