@@ -32,9 +32,9 @@ import yaml
 
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
-from trainers.policy import StopPolicy, history_entry, verdict
+from trainers.detectors import Detectors
+from trainers.policy import DETECTOR_FIELDS, StopPolicy, history_entry, verdict
 
-DETECTOR_FIELDS = ("spike_threshold", "dip_threshold", "knn_smooth")  # fixed by the recording's detectors
 RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
 DEFAULT_RECORD = "mocov3-fmnist-grid"
 
@@ -45,6 +45,8 @@ class Run:
     seed: int
     epochs: list[dict]  # epochs-table rows, in order
     events: dict[int, list[dict]]  # by epoch
+    batch_size: int = 0  # global: the images of one dense kNN measurement
+    trace: list[dict] = field(default_factory=list)  # per measured step (trainers/callbacks.py: Trace), if recorded
 
     @property
     def final(self) -> float:
@@ -63,6 +65,25 @@ class Record:
     stopping: StopPolicy  # the policy the record ran with (its detector thresholds are fixed)
     feature_dim: int  # of the features the collapse std was measured on
     seconds: float = field(default=0.0)  # recorded seconds of every epoch of every run
+    knn_images: int = 0  # test images of each epoch kNN
+    _detected: dict = field(default_factory=dict, repr=False, compare=False)  # detector settings -> Record
+
+    @property
+    def traced(self) -> bool:
+        return all(run.trace for runs in self.runs.values() for run in runs)
+
+    def with_detectors(self, policy: StopPolicy) -> Record:
+        """This record with every run's signal summaries recomputed from its trace by ``policy``'s detectors
+        (:func:`detector_summaries`); the record itself when it holds no traces."""
+        if not self.traced:
+            return self
+        key = tuple(sorted(policy.monitor_options().items()))
+        if key not in self._detected:
+            runs = {cell: [replace(run, epochs=detector_summaries(run, policy, self.knn_images)) for run in rs]
+                    for cell, rs in self.runs.items()}
+            self._detected[key] = replace(self, runs=runs, stopping=replace(self.stopping, **policy.monitor_options()),
+                                          _detected={})
+        return self._detected[key]
 
     def cell(self, config: dict) -> tuple:
         return tuple(config[a] for a in self.axes)
@@ -143,12 +164,15 @@ def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: b
     for e in events:
         events_by.setdefault((e["study"], e["trial_id"]), {}).setdefault(e["epoch"], []).append(e)
     budget = int(train.get("epochs", 3))
+    traces = _traces(tables, trials)
     runs: dict[tuple, list[Run]] = {}
     for t in trials:
-        history = sorted(by_trial.get((t["study"], t["trial_id"]), []), key=lambda r: r["epoch"])
+        key = (t["study"], t["trial_id"])
+        history = sorted(by_trial.get(key, []), key=lambda r: r["epoch"])
         if t["status"] != "completed" or len(history) != budget:  # failed or unfinished runs are not replayed
             continue
-        run = Run(t["trial_id"], int(t.get("seed") or 0), history, events_by.get((t["study"], t["trial_id"]), {}))
+        batch = int(t.get("batch_size") or train.get("batch_size", 256))
+        run = Run(t["trial_id"], int(t.get("seed") or 0), history, events_by.get(key, {}), batch, traces.get(key, []))
         runs.setdefault(tuple(t[a] for a in axes), []).append(run)
     if not runs:
         raise SpecError(f"{name}: the record holds no run completed to its {budget} epochs")
@@ -162,15 +186,69 @@ def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: b
     backbone = train.get("backbone", "vit_nano_patch4_32")
     dim = VIT_CONFIGS[backbone]["embed_dim"] if backbone in VIT_CONFIGS else 2048
     seconds = sum(r["epoch_time_s"] or 0.0 for rs in runs.values() for run in rs for r in run.epochs)
-    return Record(label, axes, runs, budget, stopping, dim, seconds)
+    knn_images = int(train.get("knn_eval_subset") or 0) or TEST_IMAGES.get(first.get("dataset", ""), 0)
+    return Record(label, axes, runs, budget, stopping, dim, seconds, knn_images)
+
+
+TEST_IMAGES = {"fashion_mnist": 10_000, "mnist": 10_000}  # a record's epoch kNN without knn_eval_subset
+
+
+def _traces(tables: Path, trials: list[dict]) -> dict[tuple, list[dict]]:
+    """Every run's per-step trace by (study, trial_id): a record's ``traces.parquet``, or the ``trace.parquet``
+    beside each trial's last checkpoint in a study directory."""
+    import pyarrow.parquet as pq
+
+    if (tables / "traces.parquet").is_file():
+        out: dict[tuple, list[dict]] = {}
+        for row in pq.read_table(tables / "traces.parquet").to_pylist():
+            out.setdefault((row.pop("study"), row.pop("trial_id")), []).append(row)
+    else:
+        out = {(t["study"], t["trial_id"]): pq.read_table(Path(t["checkpoint"]) / "trace.parquet").to_pylist()
+               for t in trials if t.get("checkpoint") and (Path(t["checkpoint"]) / "trace.parquet").is_file()}
+    return {k: sorted(rows, key=lambda r: r["step"]) for k, rows in out.items()}
+
+
+RECOMPUTED = ("spike_count", "spike_episodes", "max_spike_ratio", "first_layer_lead_steps", "first_layer_led_frac",
+              "worst_knn_dip", "knn_dip_z", "knn_dip_count", "epoch_knn_dip", "epoch_knn_se")  # from a trace
+
+
+def detector_summaries(run: Run, policy: StopPolicy, knn_images: int) -> list[dict]:
+    """``run``'s epoch rows with the signal summaries that ``policy``'s detectors compute from its trace, as the
+    live :class:`trainers.signals.InstabilityMonitor` does: each measured step's finite gradient norms, each dense
+    kNN value (of ``run.batch_size`` images) and each epoch's kNN top-1. The loss spikes, collapse and non-finite
+    flags are the recorded ones (a trace holds no loss)."""
+    groups = [k[5:] for k in run.trace[0] if k.startswith("grad_")
+              and any(r[k] is not None and math.isfinite(r[k]) for r in run.trace)]
+    by_epoch: dict[int, list[dict]] = {}
+    for r in run.trace:
+        by_epoch.setdefault(r["epoch"], []).append(r)
+    steps = max(len(rows) for rows in by_epoch.values())
+    dense = max(sum(r["dense_knn"] is not None and math.isfinite(r["dense_knn"]) for r in rows)
+                for rows in by_epoch.values())
+    detectors = Detectors(**policy.monitor_options(), spike_tests=steps, dense_tests=max(dense, 1),
+                          dense_images=run.batch_size, knn_images=knn_images, groups=groups)
+    out = []
+    for row in run.epochs:
+        rows = by_epoch.get(row["epoch"], [])
+        for r in rows:
+            norms = {g: r[f"grad_{g}"] for g in groups if r[f"grad_{g}"] is not None and math.isfinite(r[f"grad_{g}"])}
+            detectors.on_grads(r["step"], r["epoch"] - 1, norms)
+            if r["dense_knn"] is not None and math.isfinite(r["dense_knn"]):
+                detectors.on_dense_knn(r["step"], r["epoch"] - 1, r["dense_knn"])
+        if row["knn_top1"] is not None:
+            detectors.on_epoch_knn(rows[-1]["step"] if rows else 0, row["epoch"] - 1, row["knn_top1"])
+        summary = detectors.epoch_summary()
+        out.append({**row, **{k: summary[k] for k in RECOMPUTED}})
+    return out
 
 
 def replay_policy(record: Record, mode: str, overrides: dict) -> StopPolicy:
-    """The recorded policy with ``overrides``; the spike and dip detectors cannot change offline."""
+    """The recorded policy with ``overrides``. Detector settings change only where the record holds every run's
+    trace (the detectors' counts are then recomputed from it: :meth:`Record.with_detectors`)."""
     for key in overrides:
-        if key in DETECTOR_FIELDS and overrides[key] != getattr(record.stopping, key):
-            raise SpecError(f"--policy {key}: the record measured spikes and dips with {key} "
-                            f"{getattr(record.stopping, key)!r}; a replay can change: "
+        if key in DETECTOR_FIELDS and overrides[key] != getattr(record.stopping, key) and not record.traced:
+            raise SpecError(f"--policy {key}: the record holds no per-step traces, so its spikes and dips stay "
+                            f"as measured with {key} {getattr(record.stopping, key)!r}; a replay can change: "
                             f"{', '.join(k for k in StopPolicy.__dataclass_fields__ if k not in DETECTOR_FIELDS)}")
     try:
         return replace(record.stopping, mode=mode, **overrides)
@@ -376,7 +454,8 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
             spec.name = Path(out).name
-        run = runner.tune.with_parameters(replay_trial, record=record, policy=spec.stopping, seed=seed)
+        played = record.with_detectors(spec.stopping)
+        run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed)
         run = runner.tune.with_resources(run, {"CPU": 0.01})
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())

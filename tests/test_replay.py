@@ -21,14 +21,15 @@ import yaml
 
 from study import cluster, replay, results
 from study.cli import main
-from study.replay import Strategy, summary
+from study.replay import RECOMPUTED, Strategy, summary
 from study.results import EPOCH_METRICS, TABLES
 from trainers.policy import VERDICTS, verdict
 
 RECORD = Path(os.environ.get("SSL_STUDY_TEST_RECORD",
                              Path(__file__).resolve().parent.parent / "bench" / "records" / "mocov3-fmnist-grid"))
-# Stops a run at its first epoch with a dense-kNN dip or an epoch kNN below its best (every epoch counts).
-STOPS = {"max_dips": 0, "grace_epochs": 0, "max_knn_drop": 1e-6}
+# Stops a run at its first epoch with a dense-kNN dip or an epoch kNN below its best (every epoch counts, and
+# alpha 0.5 puts the noise allowance at 0 standard errors).
+STOPS = {"max_dips": 0, "grace_epochs": 0, "max_knn_drop": 1e-6, "alpha": 0.5}
 
 
 def tables_of(record: Path) -> Path:
@@ -52,9 +53,10 @@ def same(a, b) -> bool:
 
 
 def same_epochs(played: list[dict], recorded: list[dict]) -> bool:
+    """The same epochs, but for the signal summaries a replay recomputes from the traces (checked apart)."""
     return len(played) == len(recorded) and all(
         same(p[c], r[c]) for p, r in zip(played, recorded, strict=True)
-        for c in (*EPOCH_METRICS, "verdict", "verdict_reason", "stopped"))
+        for c in EPOCH_METRICS if c not in RECOMPUTED)
 
 
 def by_trial(table: list[dict], key=lambda r: (r["study"], r["trial_id"])) -> dict:
@@ -154,7 +156,7 @@ def choices_of(axis: str) -> list:
 
 
 @pytest.mark.parametrize(("policy", "named"), [
-    ("spike_threshold=9", "spike_threshold"), ("dip_threshold=0.2", "dip_threshold"), ("knn_smooth=2", "knn_smooth"),
+    ("knn_smooth=2", "knn_smooth"), ("alpha=2", "alpha"),
     ("nonsense=1", "nonsense"), ("max_dips=two", "max_dips"), ("mode=off", "mode"), ("max_dips=-1", "max_dips"),
 ])
 def test_policy_overrides_the_record_cannot_honour_are_refused(capsys, policy, named):
@@ -164,10 +166,21 @@ def test_policy_overrides_the_record_cannot_honour_are_refused(capsys, policy, n
 
 
 def test_policy_overrides_a_replay_can_honour_are_accepted(record):
-    same_detectors = {k: getattr(record.stopping, k) for k in replay.DETECTOR_FIELDS}
-    spec = replay.replay_spec(record, Strategy("ok", stopping="enforce", policy={**STOPS, **same_detectors}), 1, 0,
+    detectors = {"alpha": 0.05, "spike_threshold": 2.0, "knn_window": 3}  # recomputed from the record's traces
+    spec = replay.replay_spec(record, Strategy("ok", stopping="enforce", policy={**STOPS, **detectors}), 1, 0,
                               Path("."))
-    assert spec.stopping == dataclasses.replace(record.stopping, mode="enforce", **STOPS)
+    assert spec.stopping == dataclasses.replace(record.stopping, mode="enforce", **{**STOPS, **detectors})
+    played = record.with_detectors(spec.stopping)
+    assert played is record.with_detectors(spec.stopping)  # computed once per setting
+    assert played.stopping.alpha == 0.05 and played.runs.keys() == record.runs.keys()
+
+
+def test_a_record_without_traces_refuses_other_detectors(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(RECORD, bare, ignore=shutil.ignore_patterns("traces.parquet"))
+    assert main(["replay", str(bare), "--policy", "spike_threshold=9"]) == 2
+    line = error_line(capsys)
+    assert "--policy spike_threshold" in line and "no per-step traces" in line
 
 
 # ------------------------------------------------------------------------------------------------ replays
@@ -176,6 +189,7 @@ def test_policy_overrides_a_replay_can_honour_are_accepted(record):
 def test_grid_replay_plays_every_cell_once_and_reproduces_its_recorded_curves(local_ray, record, tmp_path):
     out = tmp_path / "r"
     ended = replay.replay(record, Strategy("grid", sampler="grid"), seed=0, out=out)
+    detected = record.with_detectors(replay.replay_policy(record, "observe", {}))  # the summaries it played
     assert (out / "study.yaml").is_file()
     assert [e.status for e in ended] == ["completed"] * len(record.runs)
     assert all(e.epochs == record.epochs for e in ended)
@@ -202,6 +216,8 @@ def test_grid_replay_plays_every_cell_once_and_reproduces_its_recorded_curves(lo
         matches = [(r["study"], r["trial_id"]) for r in rec_cells[cell]
                    if same_epochs(played, rec_epochs.get((r["study"], r["trial_id"]), []))]
         assert len(matches) == 1, f"cell {cell}: the replayed curve is not exactly one recorded run's"
+        run = next(r for r in detected.runs[cell] if r.trial_id == matches[0][1])
+        assert all(same(p[c], r[c]) for p, r in zip(played, run.epochs, strict=True) for c in RECOMPUTED)
         assert sorted(map(event, played_events.get(t["trial_id"], []))) == sorted(
             map(event, rec_events.get(matches[0], [])))
 
@@ -211,8 +227,9 @@ def test_enforced_policy_stops_trials_where_the_verdict_on_the_recorded_history_
                           seed=0, trials=6)
     assert len(ended) == 6
     policy = dataclasses.replace(record.stopping, mode="enforce", **STOPS)
+    detected = record.with_detectors(policy)
     for e in ended:
-        run = next(r for r in record.runs[e.cell] if r.seed == e.seed)
+        run = next(r for r in detected.runs[e.cell] if r.seed == e.seed)
         status, epochs, reason, value = hand_verdict(run, record, policy)
         assert (e.status, e.epochs, e.stopped_reason) == (status, epochs, reason), e
         assert same(e.value, value)

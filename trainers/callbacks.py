@@ -162,6 +162,13 @@ class Verdict(Callback):
         self.history = list(state["history"])
 
 
+def run_shape(trainer: Trainer) -> dict:
+    """How many tests each detector runs per epoch and on how many images (trainers/detectors.py)."""
+    cfg, steps = trainer.cfg, trainer.steps_per_epoch
+    return {"steps_per_epoch": steps, "dense_tests": -(-steps // cfg.monitor_every) if cfg.monitor_every else 1,
+            "dense_images": cfg.batch_size, "knn_images": len(getattr(trainer.loaders.test, "indices", ()))}
+
+
 def default_callbacks(trainer: Trainer) -> list[Callback]:
     """The callbacks ``trainer.cfg`` asks for, in the order they must run."""
     cfg, callbacks = trainer.cfg, []
@@ -170,7 +177,7 @@ def default_callbacks(trainer: Trainer) -> list[Callback]:
                                                   k=cfg.knn_k, temperature=cfg.knn_t)))
     signals = None
     if cfg.signals_every:
-        signals = InstabilityMonitor(every=cfg.signals_every, **cfg.stopping.monitor_options())
+        signals = InstabilityMonitor(every=cfg.signals_every, **run_shape(trainer), **cfg.stopping.monitor_options())
         callbacks.append(Signals(signals, cfg.stopping.mode == "enforce" and not trainer.scaler.is_enabled()))
     if cfg.online_probe:
         probe = OnlineLinearProbe(trainer.net.backbone.num_features, trainer.loaders.num_classes)

@@ -28,8 +28,10 @@ class EpochSignals:
     first_layer_led_frac: float = math.nan
     loss_spike_count: float = 0.0
     worst_knn_dip: float = math.nan
+    knn_dip_z: float = math.nan
     knn_dip_count: float = 0.0
     epoch_knn_dip: float = math.nan
+    epoch_knn_se: float = math.nan
     collapse_std_min: float = math.nan
     collapsed: float = 0.0
     nonfinite: float = 0.0

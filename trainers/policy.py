@@ -8,10 +8,15 @@ run, each with its own status:
 - ``collapsed``: the normalised outputs lost their spread (SimSiam's per-dimension std, ``collapse_threshold``
   of the healthy 1/sqrt(d)).
 - ``unstable``: after ``grace_epochs`` epochs, ``patience`` epochs in a row with more than ``max_spikes`` spike
-  episodes of the per-layer gradient norms, or more than ``max_dips`` dense-kNN dips, or an epoch kNN more
-  than ``max_knn_drop`` below the run's best epoch, or more than ``max_below_init`` below the kNN of the same
-  network at random initialisation (a run that unlearns: at too high a rate, seen in bench/instability.py, the
-  kNN falls far below random init from the first epoch on, with no spike and no dip to show for it).
+  episodes of the per-layer gradient norms, or more than ``max_dips`` significant dense-kNN dips, or an epoch kNN
+  more than ``max_knn_drop`` below the run's best epoch, or more than ``max_below_init`` below the kNN of the
+  same network at random initialisation (a run that unlearns: at too high a rate, seen in bench/instability.py,
+  the kNN falls far below random init from the first epoch on, with no spike and no dip to show for it).
+
+Every detector knows its own noise (trainers/detectors.py): a dense dip is significant at ``alpha`` false alarms
+per epoch, a spike is judged against its layer's own robust spread, and an epoch kNN drop counts only beyond
+``z_critical(alpha, 1)`` (2.3) standard errors of the difference as well as beyond its threshold, so the
+default policy's false stops do not grow as the batch or the test set shrinks.
 
 :func:`verdict` is a pure function of the epoch summaries so far: the worker applies it every epoch, and the
 same function replays a finished run's history offline (``bench/instability.py`` rates the policy that way).
@@ -23,9 +28,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from trainers.detectors import z_critical
 from trainers.events import SUMMARY_KEYS
 
 STOP_MODES = ("enforce", "observe", "off")
+DETECTOR_FIELDS = ("alpha", "spike_threshold", "knn_window", "dip_threshold", "collapse_threshold")  # what the
+# detectors are built with (trainers/detectors.py); a replay recomputes their counts from a record's traces
 VERDICTS = ("diverged", "collapsed", "unstable")
 
 
@@ -41,13 +49,14 @@ class StopPolicy:
     mode: str = "enforce"
     grace_epochs: int = 1  # no "unstable" verdict before this many epochs; diverged/collapsed count at once
     patience: int = 1  # consecutive unstable epochs before the verdict
-    spike_threshold: float = 3.0  # a gradient norm this many times its running median is a spike
+    alpha: float = 0.01  # false alarms per epoch allowed to each detector (trainers/detectors.py)
+    spike_threshold: float = 3.0  # a spike is also at least this many times its running median
     max_spikes: int = 2  # spike episodes per epoch allowed
-    dip_threshold: float = 0.05  # a dense kNN (mean of the last knn_smooth values) this far below its best is a dip
-    knn_smooth: int = 5  # the dense kNN of one batch is noisy (about 6 points at batch 64): average a few
-    max_dips: int = 3  # dense-kNN dips per epoch allowed
-    max_knn_drop: float = 0.05  # epoch kNN top-1 allowed below the run's best epoch
-    max_below_init: float = 0.10  # epoch kNN top-1 allowed below the kNN at random initialisation
+    knn_window: int = 5  # dense kNN measurements pooled per dip test, against the 4x as many before them
+    dip_threshold: float = 0.01  # the smallest drop (dense or epoch kNN) that counts, however significant
+    max_dips: int = 0  # significant dense-kNN dips per epoch allowed
+    max_knn_drop: float = 0.05  # epoch kNN top-1 allowed below the run's best epoch (beyond its noise)
+    max_below_init: float = 0.10  # epoch kNN top-1 allowed below the kNN at random initialisation (same)
     collapse_threshold: float = 0.01  # collapse when std < collapse_threshold / sqrt(d) (signals.py says why)
 
     def __post_init__(self) -> None:
@@ -56,15 +65,16 @@ class StopPolicy:
         for name in ("grace_epochs", "max_spikes", "max_dips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stopping.{name}: must be >= 0, got {getattr(self, name)!r}")
-        for name in ("patience", "knn_smooth", "spike_threshold", "dip_threshold", "max_knn_drop",
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"stopping.alpha: must be in (0, 1), got {self.alpha!r}")
+        for name in ("patience", "knn_window", "spike_threshold", "dip_threshold", "max_knn_drop",
                      "max_below_init", "collapse_threshold"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"stopping.{name}: must be > 0, got {getattr(self, name)!r}")
 
     def monitor_options(self) -> dict:
         """The :class:`~trainers.signals.InstabilityMonitor` arguments this policy sets."""
-        return {"spike_threshold": self.spike_threshold, "dip_threshold": self.dip_threshold,
-                "knn_smooth": self.knn_smooth, "collapse_threshold": self.collapse_threshold}
+        return {k: getattr(self, k) for k in DETECTOR_FIELDS}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,19 +89,26 @@ def history_entry(metrics: dict) -> dict:
 
 
 def _unstable_reason(summary: dict, policy: StopPolicy) -> str | None:
-    def value(key: str) -> float:
+    def value(key: str, default: float = 0.0) -> float:
         v = summary.get(key, math.nan)
-        return v if v is not None and math.isfinite(v) else 0.0
+        return v if v is not None and math.isfinite(v) else default
 
     if value("spike_episodes") > policy.max_spikes:
-        return f"{value('spike_episodes'):.0f} gradient spike episodes > {policy.max_spikes}"
+        return (f"{value('spike_episodes'):.0f} gradient spike episodes > {policy.max_spikes} "
+                f"(largest {value('max_spike_ratio'):.1f}x its running median)")
     if value("knn_dip_count") > policy.max_dips:
-        return f"{value('knn_dip_count'):.0f} dense kNN dips > {policy.max_dips}"
-    if value("epoch_knn_dip") > policy.max_knn_drop:
-        return f"kNN top-1 {value('epoch_knn_dip'):.3f} below its best > {policy.max_knn_drop}"
+        return (f"dense kNN fell {100 * value('worst_knn_dip'):.1f} points, {value('knn_dip_z', math.inf):.1f} "
+                f"standard errors ({value('knn_dip_count'):.0f} dips > {policy.max_dips})")
+    # The epoch kNN's drops count beyond its sampling noise: z standard errors of the difference.
+    z, se = z_critical(policy.alpha, 1), value("epoch_knn_se")
+    drop = value("epoch_knn_dip")
+    if drop > max(policy.max_knn_drop, z * se):
+        return (f"kNN top-1 fell {100 * drop:.1f} points below its best epoch"
+                f"{f', {drop / se:.1f} standard errors' if se else ''} (> {100 * policy.max_knn_drop:.1f})")
     below = value("knn_top1_init") - value("knn_top1") if value("knn_top1") else 0.0
-    if below > policy.max_below_init:
-        return f"kNN top-1 {value('knn_top1'):.3f} is {below:.3f} below random init's > {policy.max_below_init}"
+    if below > max(policy.max_below_init, z * se):
+        return (f"kNN top-1 {100 * value('knn_top1'):.1f}% is {100 * below:.1f} points below random init's "
+                f"(> {100 * policy.max_below_init:.1f})")
     return None
 
 

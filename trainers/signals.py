@@ -5,12 +5,13 @@ magnitude that appears first in the patch projection and reaches the last layers
 iterations later. This module watches, from its training step (``trainers.trainer.StepState``: after
 backward with gradients unscaled, before the optimiser step):
 
-- per-layer-group gradient norms (:func:`layer_groups`, :func:`grad_norms`), each normalised by its own running
-  median (:class:`SpikeDetector`), with spike events, spike "episodes" (which layer spiked first) and the lead in
-  steps of the first layer's spike over the last block's;
+- per-layer-group gradient norms (:func:`layer_groups`, :func:`grad_norms`), each judged against the median and
+  robust spread of its own history (:class:`~trainers.detectors.SpikeDetector`), with spike events, spike
+  "episodes" (which layer spiked first) and the lead in steps of the first layer's spike over the last block's;
 - training-loss spikes (the same detector on the loss) and non-finite loss or gradients;
 - representation collapse (:func:`collapse_std`, SimSiam's per-dimension std of L2-normalised outputs);
-- dips of the dense kNN monitor (and of the epoch kNN) below their running best (:class:`KnnDipDetector`).
+- significant dips of the dense kNN monitor and drops of the epoch kNN beyond their sampling noise
+  (trainers/detectors.py: every detector at a stated false-alarm rate per epoch).
 
 :class:`InstabilityMonitor` gathers them: every event is an :class:`Event` (step, epoch, kind, layer, magnitude)
 and :meth:`InstabilityMonitor.epoch_summary` gives per-epoch numbers to report with the epoch metrics.
@@ -22,98 +23,13 @@ in one ``.tolist()``: one device sync per measured step; unmeasured steps (``eve
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import deque
-from dataclasses import asdict, astuple
-
 import torch
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 from torch import Tensor, nn
 
+from trainers.detectors import Detectors, DipDetector, SpikeDetector  # noqa: F401  (re-exported)
 from trainers.events import EVENT_KINDS, SUMMARY_KEYS, EpochSignals, Event  # noqa: F401  (re-exported)
-
-# --------------------------------------------------------------------------------------------------- detectors
-
-
-class SpikeDetector:
-    """Spikes of a positive series: ``value / median(previous window values) > threshold``.
-
-    The ratio is computed once at least ``warmup`` finite values are in the window (of the last ``window`` finite
-    values); non-finite values are neither judged nor added. Every finite value, spikes included, enters the
-    window: the median is robust to a few of them. A non-positive median gives no ratio. ``last_ratio`` holds the
-    latest value's ratio (NaN while warming up or for a non-finite value): the series normalised by its own
-    running statistics.
-    """
-
-    def __init__(self, window: int = 50, threshold: float = 3.0, warmup: int = 10) -> None:
-        if window < 1 or not 1 <= warmup <= window:
-            raise ValueError(f"need window >= 1 and 1 <= warmup <= window, got window={window}, warmup={warmup}")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be positive, got {threshold}")
-        self.window, self.threshold, self.warmup = window, threshold, warmup
-        self.values: deque[float] = deque(maxlen=window)
-        self.last_ratio = math.nan
-
-    def update(self, value: float) -> float | None:
-        """Add ``value``; return its ratio to the running median when it is a spike, else None."""
-        value = float(value)
-        ratio = math.nan
-        if math.isfinite(value):
-            if len(self.values) >= self.warmup:
-                median = statistics.median(self.values)
-                if median > 0:
-                    ratio = value / median
-            self.values.append(value)
-        self.last_ratio = ratio
-        return ratio if ratio > self.threshold else None
-
-    def state_dict(self) -> dict:
-        return {"values": list(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
-        self.last_ratio = math.nan
-
-
-class KnnDipDetector:
-    """Dips of an accuracy series below its running best: ``best - value > threshold`` (absolute).
-
-    ``smooth > 1`` judges the median of the last ``smooth`` values instead of the raw value (the running best is
-    then that of the smoothed series): a kNN on a small batch is noisy (binomial std sqrt(p (1 - p) / n), about
-    3% for n = 256), which a raw running best turns into false dips. Non-finite values are ignored.
-    ``last_dip`` is the latest (smoothed) value's drop from the best before it (0 for a new best, NaN before the
-    first value).
-    """
-
-    def __init__(self, threshold: float = 0.05, smooth: int = 1) -> None:
-        if threshold < 0 or smooth < 1:
-            raise ValueError(f"need threshold >= 0 and smooth >= 1, got {threshold}, {smooth}")
-        self.threshold, self.smooth = threshold, smooth
-        self.recent: deque[float] = deque(maxlen=smooth)
-        self.best = -math.inf
-        self.last_dip = math.nan
-
-    def update(self, value: float) -> float | None:
-        """Add ``value``; return the drop from the running best when it exceeds the threshold, else None."""
-        value = float(value)
-        if not math.isfinite(value):
-            return None
-        self.recent.append(value)
-        level = statistics.median(self.recent) if self.smooth > 1 else value
-        self.last_dip = max(0.0, self.best - level) if math.isfinite(self.best) else 0.0
-        self.best = max(self.best, level)
-        return self.last_dip if self.last_dip > self.threshold else None
-
-    def state_dict(self) -> dict:
-        return {"recent": list(self.recent), "best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.recent = deque((float(v) for v in state["recent"]), maxlen=self.smooth)
-        self.best = float(state["best"])
-        self.last_dip = math.nan
-
 
 # ------------------------------------------------------------------------------------------ layers and norms
 
@@ -209,164 +125,36 @@ def collapse_std(features: Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------- monitor
 
 
-def _nanmax(a: float, b: float) -> float:
-    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+class InstabilityMonitor(Detectors):
+    """The run's :class:`~trainers.detectors.Detectors`, fed from its training step; call :meth:`on_step` as a
+    step hook (``trainers.trainer.StepState``: after backward with gradients unscaled, before the optimiser step).
 
+    - Gradient norms of :func:`layer_groups` every ``every`` steps (steps with ``step % every == 0``): spikes.
+    - The loss of every step, read back at the next measured step in the same sync: spikes and non-finite values.
+    - Collapse every ``every`` steps from ``state.features`` (the backbone features the method returns), with
+      ``collapse_threshold`` a fraction of the healthy 1/sqrt(d) (default 0.01). Backbone features carry a common
+      component and read below 1/sqrt(d) even when healthy (a freshly initialised ViT's class tokens: about
+      0.2-0.3 of it; MoCo v3 on Fashion-MNIST at a high learning rate, training well: 0.05 of it); a collapsed
+      run is far below (identical outputs: 0; outputs within 1e-3 of one point: about 0.001 of it).
+    - Non-finite and collapse events are emitted when the signal *enters* the bad state; the epoch summary's flags
+      are set by any bad measurement of the epoch. Under fp16 the GradScaler's skipped steps show up as nonfinite.
+    - :meth:`on_dense_knn` / :meth:`on_epoch_knn` (the Detectors'): significant dips.
 
-def _nanmin(a: float, b: float) -> float:
-    return b if math.isnan(a) else a if math.isnan(b) else min(a, b)
-
-
-class InstabilityMonitor:
-    """Per-step instability signals, events and per-epoch summaries; call :meth:`on_step` as a step hook.
-
-    - Gradient norms of :func:`layer_groups` every ``every`` steps (steps with ``step % every == 0``), one
-      :class:`SpikeDetector` per group (``window``, ``spike_threshold``, ``warmup``): "grad_spike" events.
-    - The loss of every step (read back at the next measured step, in the same sync): a :class:`SpikeDetector`
-      ("loss_spike", layer "loss") and a non-finite check ("nonfinite", layer "loss").
-    - A non-finite gradient norm gives a "nonfinite" event for that group. Non-finite and collapse events are
-      emitted when the signal *enters* the bad state (a diverged run does not emit one per step); the epoch
-      summary's ``nonfinite`` / ``collapsed`` flags are set by any bad measurement of the epoch. Under fp16 the
-      GradScaler's skipped steps (inf gradients) show up as nonfinite too.
-    - Collapse every ``every`` steps from ``state.features`` (the backbone features the method returns): a
-      "collapse" event when ``collapse_std < collapse_threshold / sqrt(d)``, i.e. ``collapse_threshold`` is a
-      fraction of the healthy 1/sqrt(d) (default 0.1). Backbone features carry a common component and read below
-      1/sqrt(d) even when healthy (a freshly initialised ViT's class tokens: about 0.2-0.3 of it; MoCo v3 on
-      Fashion-MNIST at a high learning rate, training well: 0.05 of it), hence 0.01. A collapsed run is far
-      below (identical outputs: 0; outputs within 1e-3 of one point: about 0.001 of it).
-    - Spike episodes (``episodes``: dicts with start_step, epoch, first_layers, layers = first spike step per
-      group, lead): a grad spike more than ``lead_window`` measured steps after the previous one opens an
-      episode; its ``first_layers`` are the groups spiking at its first step. The lead of an episode, once both
-      have spiked in it: first spike step of the last backbone group (``layer_groups``' last before "heads") minus
-      that of the first group, kept when at most ``lead_window`` in size (negative when the last block spiked
-      first); ``leads`` keeps them, one per episode at most. With ``every > 1`` leads are multiples of ``every``.
-    - :meth:`on_dense_knn` / :meth:`on_epoch_knn`: "knn_dip" events (layer "dense_knn" / "epoch_knn") when the
-      value drops more than ``dip_threshold`` below its running best (dense values smoothed over ``knn_smooth``).
-
-    In DDP every rank sees the same (all-reduced) gradients but its own loss and features; report rank 0's.
+    ``settings`` are :class:`~trainers.detectors.Detectors`' (``spike_tests`` defaults to the measured steps of
+    ``steps_per_epoch``). In DDP every rank sees the same (all-reduced) gradients but its own loss and features;
+    report rank 0's.
     """
 
-    def __init__(
-        self,
-        window: int = 50,
-        spike_threshold: float = 3.0,
-        dip_threshold: float = 0.05,
-        collapse_threshold: float = 0.01,
-        every: int = 1,
-        warmup: int = 10,
-        lead_window: int = 50,
-        knn_smooth: int = 1,
-    ) -> None:
-        if every < 1 or lead_window < 0 or collapse_threshold < 0:
-            raise ValueError(f"need every >= 1, lead_window >= 0 and collapse_threshold >= 0, got {every}, "
-                             f"{lead_window}, {collapse_threshold}")
-        self.window, self.spike_threshold, self.warmup = window, spike_threshold, warmup
-        self.dip_threshold, self.collapse_threshold = dip_threshold, collapse_threshold
-        self.every, self.lead_window = every, lead_window
-        self.loss_detector = SpikeDetector(window, spike_threshold, warmup)
-        self.grad_detectors: dict[str, SpikeDetector] = {}
-        self.dense_knn = KnnDipDetector(dip_threshold, knn_smooth)
-        self.epoch_knn = KnnDipDetector(dip_threshold)
-        self.events: list[Event] = []
-        self.leads: list[int] = []
-        self.episodes: list[dict] = []
-        self.last_norms: dict[str, float] = {}  # latest measured gradient norm per group
-        self.last_ratios: dict[str, float] = {}  # ... divided by its running median (NaN while warming up)
-        self.last_collapse_std = math.nan
+    def __init__(self, every: int = 1, steps_per_epoch: int | None = None, **settings) -> None:
+        if every < 1:
+            raise ValueError(f"need every >= 1, got {every}")
+        if steps_per_epoch:
+            settings.setdefault("spike_tests", -(-steps_per_epoch // every))
+        super().__init__(**settings)
+        self.every = every
         self._model: nn.Module | None = None
         self._groups: dict[str, list[nn.Parameter]] = {}
         self._pending: list[tuple[int, int, Tensor]] = []  # (step, epoch, loss) not read back yet
-        self._bad: dict[str, bool] = {}  # layer -> currently non-finite / collapsed ("features")
-        self._episode_last = -math.inf
-        self._reset_epoch()
-
-    # ------------------------------------------------------------------------------------------------ steps
-
-    def _reset_epoch(self) -> None:
-        self._epoch = EpochSignals()
-        self._epoch_leads: list[int] = []  # the leads of this epoch's episodes
-        self._epoch_first_led = 0  # this epoch's episodes that the first group opened
-
-    def _emit(self, new: list[Event], step: int, epoch: int, kind: str, layer: str, magnitude: float) -> None:
-        event = Event(step, epoch, kind, layer, float(magnitude))
-        self.events.append(event)
-        new.append(event)
-
-    def _enter(self, layer: str, bad: bool) -> bool:
-        """Record whether ``layer`` is in a bad state; True when it has just entered it."""
-        entered = bad and not self._bad.get(layer, False)
-        self._bad[layer] = bad
-        return entered
-
-    def _check_loss(self, new: list[Event], step: int, epoch: int, loss: float) -> None:
-        if not math.isfinite(loss):
-            self._epoch.nonfinite = 1.0
-            if self._enter("loss", True):
-                self._emit(new, step, epoch, "nonfinite", "loss", loss)
-            return
-        self._enter("loss", False)
-        if (ratio := self.loss_detector.update(loss)) is not None:
-            self._epoch.loss_spike_count += 1
-            self._emit(new, step, epoch, "loss_spike", "loss", ratio)
-
-    def _check_grads(self, new: list[Event], step: int, epoch: int, norms: dict[str, float]) -> None:
-        self.last_norms = norms
-        spiked = []
-        for name, norm in norms.items():
-            if not math.isfinite(norm):
-                self._epoch.nonfinite = 1.0
-                if self._enter(name, True):
-                    self._emit(new, step, epoch, "nonfinite", name, norm)
-            else:
-                self._enter(name, False)
-            detector = self.grad_detectors.setdefault(name, SpikeDetector(self.window, self.spike_threshold,
-                                                                          self.warmup))
-            ratio = detector.update(norm)
-            self.last_ratios[name] = detector.last_ratio
-            self._epoch.max_spike_ratio = _nanmax(self._epoch.max_spike_ratio, detector.last_ratio)
-            if ratio is not None:
-                spiked.append(name)
-                self._epoch.spike_count += 1
-                self._emit(new, step, epoch, "grad_spike", name, ratio)
-        if spiked:
-            self._track_episode(step, epoch, spiked)
-
-    def _first_last(self) -> tuple[str | None, str | None]:
-        backbone = [name for name in self._groups if name != "heads"]
-        if len(backbone) < 2:
-            return None, None
-        return backbone[0], backbone[-1]
-
-    def _track_episode(self, step: int, epoch: int, spiked: list[str]) -> None:
-        """Spikes closer than ``lead_window`` steps to the previous one belong to the same episode; an episode's
-        lead is recorded once both its first and last backbone groups have spiked, ``lead_window`` apart at most."""
-        first, last = self._first_last()
-        if step - self._episode_last > self.lead_window:
-            self.episodes.append({"start_step": step, "epoch": epoch, "first_layers": list(spiked), "layers": {},
-                                  "lead": None})
-            self._epoch.spike_episodes += 1
-            self._epoch_first_led += int(first is not None and first in spiked)
-        self._episode_last = step
-        episode = self.episodes[-1]
-        layers = episode["layers"]
-        for name in spiked:
-            layers.setdefault(name, step)
-        if episode["lead"] is None and first in layers and last in layers:
-            lead = layers[last] - layers[first]
-            if abs(lead) <= self.lead_window:
-                episode["lead"] = lead
-                self.leads.append(lead)
-                self._epoch_leads.append(lead)
-
-    def _check_collapse(self, new: list[Event], step: int, epoch: int, std: float, dim: int) -> None:
-        self.last_collapse_std = std
-        if not math.isfinite(std):
-            return
-        self._epoch.collapse_std_min = _nanmin(self._epoch.collapse_std_min, std)
-        collapsed = std < self.collapse_threshold / math.sqrt(dim)
-        self._epoch.collapsed = max(self._epoch.collapsed, float(collapsed))
-        if self._enter("features", collapsed):
-            self._emit(new, step, epoch, "collapse", "features", std)
 
     def _measure(self, state=None) -> list[Event]:
         """Read back the pending losses (and, given ``state``, the gradient norms and collapse std) in one sync."""
@@ -378,6 +166,7 @@ class InstabilityMonitor:
             model = unwrap_model(state.model)
             if model is not self._model:
                 self._model, self._groups = model, layer_groups(model)
+                self.groups = list(self._groups)
             names, norms = grad_norm_tensor(self._groups)
             features = state.features if state.features is not None and state.features.ndim >= 2 else None
         parts = [loss.reshape(1).float() for _, _, loss in pending]
@@ -389,12 +178,12 @@ class InstabilityMonitor:
         values = torch.cat([p.to(device) for p in parts]).tolist()
         new: list[Event] = []
         for (step, epoch, _), loss in zip(pending, values, strict=False):
-            self._check_loss(new, step, epoch, loss)
+            new += self.on_loss(step, epoch, loss)
         if state is not None:
             rest = values[len(pending):]
-            self._check_grads(new, state.step, state.epoch, dict(zip(names, rest, strict=False)))
+            new += self.on_grads(state.step, state.epoch, dict(zip(names, rest, strict=False)))
             if features is not None:
-                self._check_collapse(new, state.step, state.epoch, rest[-1], features.flatten(1).shape[1])
+                new += self.on_collapse(state.step, state.epoch, rest[-1], features.flatten(1).shape[1])
         return new
 
     def on_step(self, state) -> list[Event]:
@@ -410,85 +199,22 @@ class InstabilityMonitor:
     @property
     def nonfinite_gradients(self) -> bool:
         """Whether a layer group's gradient norm was non-finite at the last measured step."""
-        return any(self._bad.get(name, False) for name in self._groups)
+        return self.nonfinite(self._groups)
 
     def flush(self) -> list[Event]:
         """Check the losses of unmeasured steps still pending (one sync); :meth:`epoch_summary` calls it."""
         return self._measure()
 
-    # ------------------------------------------------------------------------------------------------- kNN
-
-    def on_dense_knn(self, step: int, epoch: int, value: float) -> Event | None:
-        """A dense kNN monitor value (``DenseKnnMonitor.update``'s return): a "knn_dip" event when the (smoothed)
-        value is more than ``dip_threshold`` below the running best."""
-        dip = self.dense_knn.update(value)
-        if math.isfinite(self.dense_knn.last_dip):
-            self._epoch.worst_knn_dip = _nanmax(self._epoch.worst_knn_dip, self.dense_knn.last_dip)
-        if dip is None:
-            return None
-        self._epoch.knn_dip_count += 1
-        new: list[Event] = []
-        self._emit(new, step, epoch, "knn_dip", "dense_knn", dip)
-        return new[0]
-
-    def on_epoch_knn(self, step: int, epoch: int, value: float) -> Event | None:
-        """The epoch's kNN top-1: a "knn_dip" event (layer "epoch_knn") when it is more than ``dip_threshold``
-        below the best epoch so far; ``epoch_knn_dip`` of the summary is its drop (0 for a new best)."""
-        dip = self.epoch_knn.update(value)
-        if math.isfinite(self.epoch_knn.last_dip):
-            self._epoch.epoch_knn_dip = self.epoch_knn.last_dip
-        if dip is None:
-            return None
-        new: list[Event] = []
-        self._emit(new, step, epoch, "knn_dip", "epoch_knn", dip)
-        return new[0]
-
-    # ----------------------------------------------------------------------------------------------- epochs
-
     def epoch_summary(self) -> dict[str, float]:
         """This epoch's :class:`EpochSignals` as a dict (``SUMMARY_KEYS``), then a reset; :meth:`flush` first."""
         self.flush()
-        e = self._epoch
-        if self._epoch_leads:
-            e.first_layer_lead_steps = float(statistics.median(self._epoch_leads))
-        if e.spike_episodes:
-            e.first_layer_led_frac = self._epoch_first_led / e.spike_episodes
-        summary = asdict(e)
-        self._reset_epoch()
-        return summary
-
-    # ------------------------------------------------------------------------------------------ checkpoints
+        return super().epoch_summary()
 
     def state_dict(self) -> dict:
         """Everything but the model reference, as plain Python values (pending losses are checked first)."""
         self.flush()
-        return {
-            "loss_detector": self.loss_detector.state_dict(),
-            "grad_detectors": {name: d.state_dict() for name, d in self.grad_detectors.items()},
-            "dense_knn": self.dense_knn.state_dict(),
-            "epoch_knn": self.epoch_knn.state_dict(),
-            "events": [astuple(e) for e in self.events],
-            "leads": list(self.leads),
-            "episodes": [{**ep, "layers": dict(ep["layers"])} for ep in self.episodes],
-            "bad": dict(self._bad),
-            "episode_last": self._episode_last,
-            "epoch": {**asdict(self._epoch), "leads": list(self._epoch_leads), "first_led": self._epoch_first_led},
-        }
+        return super().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.loss_detector.load_state_dict(state["loss_detector"])
-        self.grad_detectors = {}
-        for name, s in state["grad_detectors"].items():
-            self.grad_detectors[name] = SpikeDetector(self.window, self.spike_threshold, self.warmup)
-            self.grad_detectors[name].load_state_dict(s)
-        self.dense_knn.load_state_dict(state["dense_knn"])
-        self.epoch_knn.load_state_dict(state["epoch_knn"])
-        self.events = [Event(*e) for e in state["events"]]
-        self.leads = list(state["leads"])
-        self.episodes = [{**ep, "layers": dict(ep["layers"])} for ep in state["episodes"]]
-        self._bad = dict(state["bad"])
-        self._episode_last = state["episode_last"]
-        epoch = dict(state["epoch"])
-        self._epoch_leads, self._epoch_first_led = list(epoch.pop("leads")), int(epoch.pop("first_led"))
-        self._epoch = EpochSignals(**{k: float(v) for k, v in epoch.items() if k in SUMMARY_KEYS})
+        super().load_state_dict(state)
         self._pending = []
