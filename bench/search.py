@@ -44,10 +44,11 @@ STRATEGIES = {
     "random+asha": rp.Strategy("random+asha", sampler="random", scheduler="asha"),
     "tpe+asha": rp.Strategy("tpe+asha", scheduler="asha"),
     "tpe+asha+policy": rp.Strategy("tpe+asha+policy", scheduler="asha", stopping="enforce"),
-    # improvements (issue 14): the policy calibrated on the record (bench/calibrate.py, label "best": runs 2+ points
-    # below the best cell of their batch size); "+rerun": without the searcher's duplicate check (a configuration
-    # that already ran is run again, as before); instability as constraint violations; TPE modelling sooner and
-    # ASHA keeping a third at each rung; the label-free metric
+    # improvements (issue 14): the policy calibrated on the whole record (bench/calibrate.py: no batch size above
+    # 5% healthy runs stopped, then the most runs not worth finishing stopped by half the budget); "+rerun":
+    # without the searcher's duplicate check (a configuration that already ran is run again, as before);
+    # instability as constraint violations; TPE modelling sooner and ASHA keeping a third at each rung; the
+    # label-free metric
     "tpe+asha+calibrated": rp.Strategy("tpe+asha+calibrated", scheduler="asha", stopping="enforce",
                                        policy="calibrated"),
     "tpe+asha+calibrated+rerun": rp.Strategy("tpe+asha+calibrated+rerun", scheduler="asha", stopping="enforce",
@@ -69,8 +70,8 @@ def calibrated(record: rp.Record) -> dict:
     """The policy bench/calibrate.py chooses on the whole record for stopping runs not worth finishing."""
     import calibrate
 
-    policy, _ = calibrate.choose(record, sorted(record.runs), calibrate.failures(record, "best"), record.stopping)
-    return {k: getattr(policy, k) for k in calibrate.GRID}
+    policy, _ = calibrate.choose(record, sorted(record.runs), calibrate.kinds(record), record.stopping)
+    return {k: getattr(policy, k) for k in (*calibrate.DETECTORS, *calibrate.POLICY)}
 
 
 def answer_at(ended: list[rp.Ended], epochs: float) -> float:

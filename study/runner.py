@@ -80,6 +80,13 @@ def lost_process(error: BaseException) -> bool:
     return isinstance(error, WorkerGroupError) and any(map(_died, error.worker_failures.values()))
 
 
+def _reason(error: BaseException, attempts: int) -> str:
+    """One line for a trial whose processes were lost on every attempt."""
+    cause = getattr(error, "controller_failure", None) or error
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {first} (gave up after {attempts} attempts: resources.retries)"
+
+
 def _died(error: BaseException) -> bool:
     """A worker's failure that is its process's death, however Ray Train wraps it (a failed health check)."""
     if isinstance(error, WorkerHealthCheckFailedError):
@@ -126,8 +133,10 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
             ),
             # The name is the trial id: a restarted run reuses it and so restores its own latest checkpoint.
             # Ray Train's own restarts would also retry an exception of ours (max_failures counts both).
+            # controller_failure_limit=0: Ray Train V2 retries a worker group that cannot start (resources that
+            # never come, a worker that cannot import) forever by default; this loop retries it, a bounded number.
             run_config=RunConfig(name=trial_id, storage_path=train_dir, callbacks=[TuneReportCallback()],
-                                 failure_config=FailureConfig(max_failures=0),
+                                 failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
 
@@ -147,9 +156,13 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
             store.append_text(log, f"trial {trial_id} failed\n\n{traceback.format_exc()}\nEach worker's whole "
                                    f"output: {location(logs_dir) / 'ray.log'} (lines marked with its pid; the "
                                    f"terminal with --verbose) and Ray's session logs ({ray_logs_dir()}, worker-*)\n")
+            # Final either way: an exception of the training code, or a lost process (a worker group that never
+            # started) after every retry. Tune's own retry of this function would only repeat it.
             if not lost:
                 marker.write_text(traceback.format_exc().strip().splitlines()[-1])
-            raise
+                raise
+            marker.write_text(f"RuntimeError: {_reason(e, attempt + 1)}")
+            raise RuntimeError(_reason(e, attempt + 1)) from e
 
 
 # -------------------------------------------------------------------------------------------------- Tune

@@ -166,7 +166,7 @@ def test_out_unwritable(tmp_path, capsys, unwritable):
 def test_no_optuna_storage_is_explained(tmp_path):
     spec = make_study(tmp_path)
     page = report.write_report(spec.study_dir)
-    for name in ("curves", "events", "heatmap", "status", "parallel"):
+    for name in ("curves", "events", "stopped", "heatmap", "status", "parallel"):
         assert (page.parent / f"{name}.png").is_file(), name
     assert f"Not computed: no Optuna storage found ({spec.study_dir / 'optuna.db'} does not exist)" in \
         importance_note(page)

@@ -49,14 +49,17 @@ class StopPolicy:
     mode: str = "enforce"
     grace_epochs: int = 1  # no "unstable" verdict before this many epochs; diverged/collapsed count at once
     patience: int = 1  # consecutive unstable epochs before the verdict
-    alpha: float = 0.01  # false alarms per epoch allowed to each detector (trainers/detectors.py)
+    # The defaults are calibrated on half the recorded grid's cells and checked on the other half (bench/calibrate.py:
+    # no healthy run stopped at batch 32 or 64, and 27-45% of the runs not worth finishing stopped by half the
+    # budget, at precision 1.0); the spike settings are the ones bench/instability.py's sweep validated.
+    alpha: float = 0.05  # false alarms per epoch allowed to each detector (trainers/detectors.py)
     spike_threshold: float = 3.0  # a spike is also at least this many times its running median
     max_spikes: int = 2  # spike episodes per epoch allowed
-    knn_window: int = 5  # dense kNN measurements pooled per dip test, against the 4x as many before them
+    knn_window: int = 3  # dense kNN measurements pooled per dip test, against the 4x as many before them
     dip_threshold: float = 0.01  # the smallest drop (dense or epoch kNN) that counts, however significant
-    max_dips: int = 0  # significant dense-kNN dips per epoch allowed
-    max_knn_drop: float = 0.05  # epoch kNN top-1 allowed below the run's best epoch (beyond its noise)
-    max_below_init: float = 0.10  # epoch kNN top-1 allowed below the kNN at random initialisation (same)
+    max_dips: int = 2  # significant dense-kNN dips per epoch allowed (at alpha 0.05 each, three are no accident)
+    max_knn_drop: float = 0.02  # epoch kNN top-1 allowed below the run's best epoch (beyond its noise)
+    max_below_init: float = 0.02  # epoch kNN top-1 allowed below the kNN at random initialisation (same)
     collapse_threshold: float = 0.01  # collapse when std < collapse_threshold / sqrt(d) (signals.py says why)
 
     def __post_init__(self) -> None:

@@ -51,10 +51,12 @@ def write_report(study_dir: Path | ObjectPath, *, params: tuple[str, str] | None
     from study.report.importance import param_importance, plot_importance
     from study.report.parallel import plot_parallel
     from study.report.status_counts import plot_status
+    from study.report.stopped import plot_stopped
 
     scores, note = param_importance(spec, study_dir)
     drawn = {"curves": plot_curves(data, out / "curves.png"),
              "events": plot_events(data, out / "events.png"),
+             "stopped": plot_stopped(data, out / "stopped.png"),
              "heatmap": plot_heatmap(data, heat, out / "heatmap.png"),
              "status": plot_status(data, out / "status.png"),
              "importance": plot_importance(data, scores, note, out / "importance.png") if scores else None,
