@@ -91,6 +91,8 @@ def compile_stage(cls, code, signature=None):
     if "<locals>" not in code.__qualname__ or not _cachable(code):
         # A module's own function (FFCV's imdecode, get_center_crop): compiled here, so never loaded twice.
         # Shared between loaders, a ctypes one raised KeyError in numba's typing while two loaders compiled.
+        # Its finalizer, when a loader is collected, can still raise that KeyError (a warning in the suite):
+        # harmless, it only leaves that decoder's entries in numba's function table (kilobytes per loader).
         return njit(signature, **options)(code)
     f = code.__code__
     key = (f.co_filename, f.co_firstlineno, code.__qualname__, _digest(code), parallel, signature)
