@@ -110,7 +110,13 @@ class GuardedEpochIterator(EpochIterator):
 
 
 class GuardedLoader(Loader):
-    """ffcv.loader.Loader whose epochs are GuardedEpochIterators (``__iter__`` is FFCV 1.0.2's otherwise)."""
+    """ffcv.loader.Loader whose epochs are GuardedEpochIterators (``__iter__`` is FFCV 1.0.2's otherwise).
+
+    ``skip_batches`` (set before ``iter``, used by that epoch only): start the epoch after its first that many
+    batches, the same batches as in a whole epoch (a run resumed from a checkpoint taken mid-epoch).
+    """
+
+    skip_batches = 0
 
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)
@@ -119,7 +125,8 @@ class GuardedLoader(Loader):
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        return self.epoch_iterator(order[:len(self) * self.batch_size], epoch)
+        skip, self.skip_batches = self.skip_batches * self.batch_size, 0
+        return self.epoch_iterator(order[:len(self) * self.batch_size][skip:], epoch)
 
     def epoch_iterator(self, order, epoch: int) -> GuardedEpochIterator:
         return GuardedEpochIterator(self, order)

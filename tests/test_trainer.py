@@ -81,6 +81,39 @@ def test_epochs_report_every_metric_and_a_restart_continues_exactly(cfg, tmp_pat
     assert list(restarted.epochs()) == []  # both epochs done
 
 
+class Crash(Exception):
+    """The process dies right after a mid-epoch checkpoint."""
+
+
+def test_a_run_resumed_from_a_mid_epoch_checkpoint_trains_every_step_once_with_the_same_metrics(cfg, tmp_path):
+    """train.checkpoint_minutes: a checkpoint inside the second epoch, after its second batch; a new Trainer
+    resumes from it (the loader starts at the third batch) and the epoch ends as an uninterrupted run's."""
+    timed = TrainConfig(**{**cfg.as_dict(), "checkpoint_minutes": 1e-9})  # due after every step
+    whole = list(Trainer(timed).epochs())  # no hook: no mid-epoch checkpoint
+
+    def save_then_crash(trainer: Trainer) -> None:
+        if trainer.epoch == 1 and trainer.step_in_epoch == 2:
+            trainer.save(tmp_path)
+            raise Crash
+
+    crashed = Trainer(timed)
+    crashed.mid_epoch_checkpoint = save_then_crash
+    with pytest.raises(Crash):
+        list(crashed.epochs())
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 2, 5)
+
+    resumed = Trainer(timed)
+    resumed.load(tmp_path)
+    (second,) = list(resumed.epochs())
+    assert second["epoch"] == 2
+    for key in ("loss", "lr", "moco_m", "knn_top1", "knn_top1_k200", "online_probe_top1", "dense_knn_last",
+                "dense_knn_min", "knn_top1_init", *SUMMARY_KEYS):
+        assert second[key] == whole[1][key] or (math.isnan(second[key]) and math.isnan(whole[1][key])), key
+    (trace,) = [c for c in resumed.callbacks if isinstance(c, Trace)]
+    assert [r["step"] for r in trace.rows] == list(range(8))  # every step once
+
+
 def test_a_callback_that_halts_ends_the_run_after_that_epoch(cfg):
     class Halt(Callback):
         name = "halt"

@@ -44,10 +44,11 @@ class DenseKnn(Callback):
         self.values = []
 
     def state_dict(self) -> dict:
-        return self.monitor.state_dict()
+        return {**self.monitor.state_dict(), "epoch_values": list(self.values)}  # the epoch's so far
 
     def load_state_dict(self, state: dict) -> None:
         self.monitor.load_state_dict(state)
+        self.values = list(state.get("epoch_values", []))
 
 
 class Signals(Callback):
@@ -80,11 +81,12 @@ class Signals(Callback):
         self.reported = len(self.monitor.events)
 
     def state_dict(self) -> dict:
-        return self.monitor.state_dict()
+        return {**self.monitor.state_dict(), "reported": self.reported, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.monitor.load_state_dict(state)
-        self.reported = len(self.monitor.events)
+        self.reported = state.get("reported", len(self.monitor.events))  # mid-epoch: this epoch's are not yet
+        self.last_step = state.get("last_step", -1)
 
 
 class OnlineProbe(Callback):
@@ -105,11 +107,13 @@ class OnlineProbe(Callback):
         self.accuracies = []
 
     def state_dict(self) -> dict:
-        return {"head": self.probe.state_dict(), "optimizer": self.probe.optimizer.state_dict()}
+        return {"head": self.probe.state_dict(), "optimizer": self.probe.optimizer.state_dict(),
+                "accuracies": list(self.accuracies)}
 
     def load_state_dict(self, state: dict) -> None:
         self.probe.load_state_dict(state["head"])
         self.probe.optimizer.load_state_dict(state["optimizer"])
+        self.accuracies = list(state.get("accuracies", []))
 
 
 class Trace(Callback):

@@ -84,6 +84,9 @@ class TrainConfig:
     # Epochs between checkpoints (0: only at the end); the last one only is kept. Every epoch by default: a
     # lost worker or trial driver then redoes at most one epoch (a checkpoint of ViT-S: about 0.3 GB, 1 s).
     checkpoint_every: int = 1
+    # Minutes between checkpoints inside an epoch (0: off): an ImageNet epoch on a few GPUs takes 10-60 minutes,
+    # and a lost worker then redoes at most this many minutes instead of the epoch (the loader resumes mid-epoch).
+    checkpoint_minutes: float = 0.0
     resume_from: str = ""  # a checkpoint directory to continue from when the run has none of its own
     export: bool = True  # the final checkpoint carries backbone.safetensors, loadable by timm
 
@@ -91,6 +94,8 @@ class TrainConfig:
         if isinstance(self.stopping, dict):  # from as_dict(), e.g. through Ray's config
             self.stopping = StopPolicy(**self.stopping)
         self.views  # noqa: B018  (unknown augment fields and bad values raise here, naming them)
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError(f"train.checkpoint_minutes: must be >= 0 (0: off), got {self.checkpoint_minutes!r}")
 
     @property
     def views(self) -> tuple[ViewRecipe, ...]:

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,9 +238,13 @@ class Trainer:
             callbacks = default_callbacks(self)
         self.callbacks = list(callbacks)
         self.epoch = 0  # the next epoch to train
+        self.step_in_epoch = 0  # batches of that epoch already trained (a checkpoint taken mid-epoch)
+        self.partial = [0.0, 0, 0]  # that epoch's loss sum, images and steps so far
         self.knn_init = math.nan  # kNN top-1 of the network at initialisation
         self.metrics: dict = {}  # the last epoch's
         self.halted = False  # a callback ended training mid-epoch: the weights are not finite
+        # Called with the trainer every ``cfg.checkpoint_minutes`` inside an epoch (trainers/worker.py saves it).
+        self.mid_epoch_checkpoint: Callable[[Trainer], None] | None = None
 
     # ---------------------------------------------------------------------------------------------- the step
 
@@ -265,20 +269,32 @@ class Trainer:
         return state
 
     def train_epoch(self, epoch: int) -> dict:
-        """Train one epoch; its loss, schedule values and speed (stops early when a callback halts)."""
+        """Train one epoch, or its rest after ``step_in_epoch`` batches; its loss, schedule values and speed
+        (stops early when a callback halts). Every ``cfg.checkpoint_minutes`` it hands itself to
+        ``mid_epoch_checkpoint``."""
         self.model.train()
-        loss_sum, seen, steps, tic = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
-        for i, (x1, x2, y) in enumerate(self.loaders.train):
+        start, (loss_so_far, seen, steps) = self.step_in_epoch, self.partial
+        loss_sum, seen_before, tic = torch.tensor(loss_so_far, device=self.device), seen, time.perf_counter()
+        if start:
+            self.loaders.train.skip_batches = start  # the same batches as a whole epoch, from batch ``start`` on
+        saved, every_s = time.monotonic(), 60 * self.cfg.checkpoint_minutes
+        for i, (x1, x2, y) in enumerate(self.loaders.train, start):
             state = self.train_step(epoch * self.steps_per_epoch + i, x1, x2, y)
             loss_sum += state.loss
             seen += x1.shape[0]
-            steps = i + 1
+            steps = self.step_in_epoch = i + 1
             if state.halt:
                 self.halted = True
                 break
+            if every_s and self.mid_epoch_checkpoint and steps < self.steps_per_epoch \
+                    and time.monotonic() - saved >= every_s:
+                self.partial = [loss_sum.item(), seen, steps]  # a device sync, once a checkpoint
+                self.mid_epoch_checkpoint(self)
+                saved = time.monotonic()
+        self.step_in_epoch, self.partial = 0, [0.0, 0, 0]
         seconds = time.perf_counter() - tic
         return {"loss": loss_sum.item() / steps, "lr": state.lr, "moco_m": state.moco_m,
-                "images_per_s": seen * self.world / seconds, "step_time_s": seconds / steps}
+                "images_per_s": (seen - seen_before) * self.world / seconds, "step_time_s": seconds / (steps - start)}
 
     def evaluate(self) -> dict:
         """kNN top-1 at k and at 200, and RankMe (trainers/evaluation.py), of the backbone now."""
@@ -313,8 +329,8 @@ class Trainer:
         """Everything a restarted run needs to continue exactly: weights, optimiser, RNG, callbacks."""
         state = {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng_state(), "epoch": self.epoch - 1,
-                 "step": self.epoch * self.steps_per_epoch - 1, "knn_top1_init": self.knn_init,
-                 "metrics": self.metrics}
+                 "step": self.epoch * self.steps_per_epoch + self.step_in_epoch - 1, "knn_top1_init": self.knn_init,
+                 "metrics": self.metrics, "step_in_epoch": self.step_in_epoch, "partial": list(self.partial)}
         for callback in self.callbacks:
             state[callback.name] = callback.state_dict()
         return _plain(state)  # what torch.load(weights_only=True) reads: see load
@@ -328,6 +344,7 @@ class Trainer:
                 callback.load_state_dict(state[callback.name])
         set_rng_state(state["rng"])
         self.epoch, self.knn_init, self.metrics = state["epoch"] + 1, state["knn_top1_init"], state["metrics"]
+        self.step_in_epoch, self.partial = state.get("step_in_epoch", 0), list(state.get("partial", [0.0, 0, 0]))
         if hasattr(self.loaders.train, "next_epoch"):  # FFCV seeds each epoch's order with its epoch counter
             self.loaders.train.next_epoch = self.epoch
 
