@@ -265,3 +265,26 @@ def test_a_file_uri_is_a_plain_path_and_a_saved_study_names_the_bucket(s3env, tm
     saved = snapshot(spec)
     assert saved["storage"] == f"s3://{s3env.bucket}/studies" and saved["data_dir"] == str(tmp_path / "d")
     assert spec.optuna_url.startswith(f"sqlite:///{tmp_path / 'cache' / 'studies' / 's3' / s3env.bucket}")
+
+
+@pytest.mark.cluster
+def test_a_failed_trial_of_a_study_in_s3_has_its_error_in_the_table_and_its_log_in_the_bucket(s3env, tmp_path):
+    """A trial whose worker raises (``resume_from`` names no checkpoint): the study ends, the trials table in the
+    bucket says ``failed`` with the error's line and where its log is, and that log is in the bucket."""
+    name, missing = "fails-on-s3", "/nonexistent/checkpoint"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**STUDY, "name": name, "storage": f"s3://{s3env.bucket}/studies",
+                                    "data_dir": str(ROOT / "datasets"),
+                                    "train": {**STUDY["train"], "epochs": 1},
+                                    "search": {"space": {"resume_from": {"choice": [missing]}}, "sampler": "grid",
+                                               "num_samples": 1, "seed": 0}}))
+    out = subprocess.run([sys.executable, "-m", "study", "launch", str(path)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    uri = f"s3://{s3env.bucket}/studies/{name}"
+    (row,) = _rows(uri)
+    assert row["status"] == "failed", (out.stdout[-1500:], out.stderr[-1500:])
+    assert row["error"].startswith("FileNotFoundError") and missing in row["error"], row["error"]
+    log = location(uri) / "logs" / f"{row['trial_id']}.log"
+    assert row["error"].endswith(f"(full log: {uri}/logs/{row['trial_id']}.log)"), row["error"]
+    text = log.read_bytes().decode()
+    assert f"trial {row['trial_id']} failed" in text and "FileNotFoundError" in text
