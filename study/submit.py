@@ -91,8 +91,9 @@ def client(address: str):
     return JobSubmissionClient(address, headers=auth_headers())
 
 
-def follow(job_client, job_id: str, *, poll_s: float = 2.0, out=None) -> str:
-    """Print the job's logs as they come and return its final status."""
+def follow(job_client, job_id: str, *, poll_s: float = 2.0, settle_s: float = 120.0, out=None) -> str:
+    """Print the job's logs as they come and return its final status (the log stream ends with the job; its
+    status must then settle within ``settle_s``: a head that went away gives an error, not an endless poll)."""
     from ray.job_submission import JobStatus
 
     out = out or sys.stdout
@@ -103,8 +104,12 @@ def follow(job_client, job_id: str, *, poll_s: float = 2.0, out=None) -> str:
             out.flush()
 
     asyncio.run(tail())  # ends when the job does
+    deadline = time.monotonic() + settle_s
     while (status := job_client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                                 JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: its logs ended, but its status stayed {status.value} for "
+                               f"{settle_s:.0f} s (see `ray job status {job_id}`)")
         time.sleep(poll_s)
     return str(status.value)
 
@@ -153,7 +158,8 @@ def submit_from_args(args: argparse.Namespace) -> int:
                   f"{job_id}", file=sys.stderr)
             return 130
         info = job_client.get_job_info(job_id)
-    except (ConnectionError, RuntimeError) as e:  # unreachable cluster, refused token, failed upload
+    except (ConnectionError, RuntimeError, TimeoutError) as e:  # unreachable cluster, refused token, failed upload,
+        # a job whose status never settled
         print(f"ssl-study: error: {e}", file=sys.stderr)
         return 1
     if status == "SUCCEEDED":
