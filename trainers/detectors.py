@@ -80,6 +80,7 @@ class SpikeDetector:
         # The scale is estimated from the window: its t quantile, not the normal one (at window 50: 4.6 for 3.7).
         self._z_by_count = [t_critical(self.z, max(MAD_EFFICIENCY * (n - 1), 5.0)) for n in range(window + 1)]
         self.values: deque[float] = deque(maxlen=window)
+        self.logs: deque[float] = deque(maxlen=window)  # log of each positive value, computed once
         self.last_ratio = self.last_z = math.nan
 
     def update(self, value: float) -> float | None:
@@ -89,14 +90,15 @@ class SpikeDetector:
         if math.isfinite(value):
             if len(self.values) >= self.warmup:
                 median = statistics.median(self.values)
-                if median > 0 and value > 0:
+                if median > 0 and value > 0 and self.logs:
                     ratio = value / median
-                    logs = [math.log(v) for v in self.values if v > 0]
-                    centre = statistics.median(logs)
-                    scale = MAD_TO_SD * statistics.median(abs(v - centre) for v in logs)
+                    centre = statistics.median(self.logs)
+                    scale = MAD_TO_SD * statistics.median([abs(v - centre) for v in self.logs])
                     up = math.log(value) - centre
                     z = up / scale if scale > 0 else math.copysign(math.inf, up) if up else 0.0
             self.values.append(value)
+            if value > 0:
+                self.logs.append(math.log(value))
         self.last_ratio, self.last_z = ratio, z
         return ratio if ratio > self.threshold and z > self._z_by_count[len(self.values) - 1] else None
 
@@ -105,6 +107,7 @@ class SpikeDetector:
 
     def load_state_dict(self, state: dict) -> None:
         self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
+        self.logs = deque((math.log(v) for v in self.values if v > 0), maxlen=self.window)
         self.last_ratio = self.last_z = math.nan
 
 
@@ -257,7 +260,7 @@ class Detectors:
                     new.append(self._emit(step, epoch, "nonfinite", name, norm))
             else:
                 self._enter(name, False)
-            detector = self.grad_detectors.setdefault(name, self._spike_detector())
+            detector = self.grad_detectors.get(name) or self.grad_detectors.setdefault(name, self._spike_detector())
             ratio = detector.update(norm)
             self.last_ratios[name] = detector.last_ratio
             self._epoch.max_spike_ratio = _nanmax(self._epoch.max_spike_ratio, detector.last_ratio)
