@@ -104,9 +104,10 @@ def describe(spec: StudySpec, address: str | None) -> str:
         f"  scheduler: {spec.scheduler.type}" + (f" (grace {spec.scheduler.grace_period} epochs, reduction "
                                                  f"{spec.scheduler.reduction_factor})"
                                                  if spec.scheduler.type == "asha" else ""),
-        f"  stopping: {spec.stopping.mode} (grace {spec.stopping.grace_epochs} epochs, spikes > "
-        f"{spec.stopping.spike_threshold:g}x median, at most {spec.stopping.max_spikes} per epoch, kNN drop "
-        f"<= {spec.stopping.max_knn_drop:g})",
+        f"  stopping: {spec.stopping.mode} (grace {spec.stopping.grace_epochs} epochs, false alarms "
+        f"{spec.stopping.alpha:g} per epoch and detector; spikes > {spec.stopping.spike_threshold:g}x median, at "
+        f"most {spec.stopping.max_spikes} episodes and {spec.stopping.max_dips} dense dips per epoch, kNN drop "
+        f"<= {spec.stopping.max_knn_drop:g} beyond its noise)",
         f"  per trial: {r.workers} workers x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) + "
         f"{r.driver_cpus:g} CPU driver = {need['CPU']:g} CPU, {need['GPU']:g} GPU",
         f"  results: {spec.study_dir} (results/*.parquet, train/<trial>/ checkpoints)",
@@ -402,7 +403,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     rp.add_argument("--reduction-factor", type=_at_least(2), default=2, help="ASHA: keep 1/N at each rung")
     rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
                     help="the instability policy's mode in the replay")
-    rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE", help="override the recorded stopping thresholds")
+    rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
+                    help="override the recorded stopping settings (detectors too, where the record has traces)")
     rp.add_argument("--metric", choices=("knn_top1", "rankme"), default="knn_top1")
     rp.add_argument("--constraints", action="store_true", help="stopped or flagged trials as constraint violations")
     rp.add_argument("--startup-trials", type=_at_least(0), default=10, help="TPE's random trials before it models")
