@@ -50,7 +50,7 @@ def test_html_names_every_trial_and_status(rendered):
 def test_figures_are_real_pngs(rendered):
     _, _, page = rendered
     text = page.read_text()
-    for name in ("curves", "events", "stopped", "heatmap", "status", "parallel"):
+    for name in ("curves", "events", "heatmap", "status", "parallel"):
         png = page.parent / f"{name}.png"
         assert _png_ok(png), name
         assert f'src="{name}.png"' in text

@@ -166,7 +166,7 @@ def test_out_unwritable(tmp_path, capsys, unwritable):
 def test_no_optuna_storage_is_explained(tmp_path):
     spec = make_study(tmp_path)
     page = report.write_report(spec.study_dir)
-    for name in ("curves", "events", "stopped", "heatmap", "status", "parallel"):
+    for name in ("curves", "events", "heatmap", "status", "parallel"):
         assert (page.parent / f"{name}.png").is_file(), name
     assert f"Not computed: no Optuna storage found ({spec.study_dir / 'optuna.db'} does not exist)" in \
         importance_note(page)
@@ -181,3 +181,16 @@ def test_bad_optuna_database_is_explained(tmp_path, content):
     note = importance_note(report.write_report(spec.study_dir))
     assert f"Not computed: {db} is not an SQLite database" in note and "\n" not in note
     assert db.read_bytes() == content  # the report reads; it never writes Optuna's schema into the file
+
+
+def test_a_run_judged_unstable_is_drawn_against_its_noise(tmp_path):
+    """stopped.png: drawn for a trial the policy judged unstable (the diverged ones need no noise band), absent
+    when no trial was."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    assert not (report.write_report(make_study(tmp_path / "a").study_dir).parent / "stopped.png").exists()
+    unstable = {**TRIALS[1], "status": "unstable", "verdict": "unstable", "verdict_epoch": 2,
+                "verdict_reason": "kNN top-1 fell 8.0 points below its best epoch, 5.5 standard errors (> 2.0)"}
+    page = report.write_report(make_study(tmp_path / "b", [TRIALS[0], unstable, *TRIALS[2:]]).study_dir)
+    png = page.parent / "stopped.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 'src="stopped.png"' in page.read_text()

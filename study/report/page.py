@@ -114,10 +114,10 @@ def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...]
                 "No epoch was reported yet."),
         _figure("events", written, "Each instability event at its training step, one row per trial.",
                 "No instability event was recorded."),
-        _figure("stopped", written, "Each run with an instability verdict: its epoch kNN top-1 with the band a drop "
+        _figure("stopped", written, "Each run judged unstable: its epoch kNN top-1 with the band a drop "
                 "had to leave, the dense kNN measurements with their binomial band where the run kept its trace, "
                 "random init (dotted) and the verdict's epoch (dashed); the reason names the detector and the "
-                "noise it was judged against.", "No run had an instability verdict."),
+                "noise it was judged against.", "No run was judged unstable."),
         "<h2>Final metric over two parameters</h2>",
         _figure("heatmap", written, f"Final {label} of the best trial in each cell (as the paper's batch x lr "
                 "table); under the value: the trial's status when it did not complete, its instability verdict in "

@@ -1,4 +1,4 @@
-"""``stopped.png``: each run with an instability verdict, its kNN against the noise it was judged by, and the verdict.
+"""``stopped.png``: each run judged unstable, its kNN against the noise it was judged by, and the verdict.
 
 One panel per such run (at most ``MAX_PANELS``): the epoch kNN top-1 with its sampling band (2.3 standard errors on
 the epoch's test images, ``epoch_knn_se``: what a drop had to exceed), and where the run kept its per-step trace
@@ -33,8 +33,8 @@ def _trace(trial: dict) -> list[dict]:
 
 
 def plot_stopped(data: StudyData, path: Path) -> Path | None:
-    """One panel per trial with a verdict; None when no trial has one."""
-    judged = [t for t in data.trials if t.get("verdict")][:MAX_PANELS]
+    """One panel per trial judged unstable (diverged and collapsed runs need no noise band); None when none is."""
+    judged = [t for t in data.trials if t.get("verdict") == "unstable"][:MAX_PANELS]  # the noise-judged ones
     if not judged:
         return None
     z = z_critical(data.spec.stopping.alpha, 1)
@@ -78,5 +78,5 @@ def plot_stopped(data: StudyData, path: Path) -> Path | None:
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes[len(judged):]:
         ax.set_visible(False)
-    fig.suptitle(f"{data.spec.name}: runs with an instability verdict, against their noise (dashed: the verdict)")
+    fig.suptitle(f"{data.spec.name}: runs judged unstable, against their noise (dashed: the verdict)")
     return save(fig, path)
