@@ -7,7 +7,7 @@ Under ``<study_dir>/report/`` (or ``--out DIR``), each file written to a tempora
   coloured by status (dashed: stopped by the instability policy), instability events marked at their epoch;
 - ``events.png`` (``events``): every instability event by training step, one row per trial (the paper's "spike
   precedes the dip" view);
-- ``stopped.png`` (``stopped``): each run with an instability verdict, its kNN against the noise it was judged by
+- ``stopped.png`` (``stopped``): each run judged unstable, its kNN against the noise it was judged by
   and the verdict's epoch;
 - ``heatmap.png`` (``heatmap``, over the cells of ``grid``): the final study metric over two parameters, as the
   paper's batch x lr table (``--params A B``; default base_lr x batch_size, else the two searched parameters
