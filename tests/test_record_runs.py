@@ -1,0 +1,46 @@
+"""The run-at-a-time recorder (bench/record_runs.py): a missing run is recorded, a recorded one is not run again,
+and the folder reads as a record (real one-trial studies on a real local Ray, tiny runs)."""
+
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import record_runs  # noqa: E402
+
+from study.replay import load_record  # noqa: E402
+
+GRID = {
+    "name": "tiny-record", "dataset": "fashion_mnist", "data_dir": str(ROOT / "datasets"),
+    "train": {"backbone": "vit_test_patch4_32", "epochs": 1, "batch_size": 64, "mlp_dim": 64, "dim": 32,
+              "warmup_epochs": 0.5, "train_subset": 256, "knn_bank_subset": 128, "knn_eval_subset": 128,
+              "monitor_every": 2, "monitor_bank": 128, "trace": True, "export": False},
+    "resources": {"workers": 1, "cpus_per_worker": 0.9, "driver_cpus": 0.05},
+    "search": {"space": {"base_lr": {"choice": [1.0e-4, 3.0e-4]}, "seed": {"choice": [0]}}, "sampler": "grid",
+               "num_samples": 2, "seed": 0},
+    "scheduler": {"type": "fifo"},
+    "stopping": {"mode": "observe"},
+}
+
+
+def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path):
+    folder = tmp_path / "tiny-record"
+    folder.mkdir()
+    (folder / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    storage = tmp_path / "runs"
+    first = record_runs.record(folder, limit=1, storage=storage)
+    assert first == [record_runs.run_key({"base_lr": 1.0e-4, "seed": 0})]  # seed-major, in grid order
+    second = record_runs.record(folder, storage=storage)  # a later sitting: only the missing run
+    assert second == [record_runs.run_key({"base_lr": 3.0e-4, "seed": 0})]
+    assert record_runs.record(folder, storage=storage) == []  # nothing left
+    trials = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert sorted(t["base_lr"] for t in trials) == [1.0e-4, 3.0e-4] and len({t["study"] for t in trials}) == 2
+    traces = pq.read_table(folder / "traces.parquet")
+    assert set(traces.column("trial_id").to_pylist()) == {t["trial_id"] for t in trials}
+    assert sorted(p.name for p in storage.glob("tiny-record-*.yaml")) == ["tiny-record-0000.yaml",
+                                                                        "tiny-record-0001.yaml"]
+    record = load_record(str(folder))  # what replay and bench/search.py read
+    assert record.traced and sorted(record.runs) == [(1.0e-4,), (3.0e-4,)]
