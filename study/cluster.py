@@ -16,8 +16,12 @@ from data.store import is_remote, location
 from study.progress import console, say
 from study.spec import SpecError, StudySpec
 
-# Idle OpenMP threads of torch otherwise spin and starve FFCV's numba threads on small CPU workers.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Idle OpenMP threads of torch otherwise spin and starve FFCV's numba threads on small CPU workers. A trial's
+# worker group may wait for workers another trial holds (a cluster that lost a node runs the same trials on fewer
+# CPUs): 10 minutes per start attempt instead of Ray Train's 60 s, and resources.retries attempts (study/runner.py)
+# before the trial fails, where Ray Train alone retried forever. The user's own setting wins.
+START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", START_TIMEOUT: os.environ.get(START_TIMEOUT, "600")}
 # A local Ray only: nothing preempts this machine, and Ray Train's preemption watcher is one more actor (a
 # Python process importing Ray: about 2 s of a core) per trial; the controller polls its workers every 0.5 s
 # instead of 2 s, so a trial's end is seen up to 1.5 s sooner (bench/trial_overhead.py measures both).
