@@ -239,7 +239,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.epoch = 0  # the next epoch to train
         self.step_in_epoch = 0  # batches of that epoch already trained (a checkpoint taken mid-epoch)
-        self.partial = [0.0, 0, 0]  # that epoch's loss sum, images and steps so far
+        self.partial = [0.0, 0]  # that epoch's loss sum and images so far
         self.knn_init = math.nan  # kNN top-1 of the network at initialisation
         self.metrics: dict = {}  # the last epoch's
         self.halted = False  # a callback ended training mid-epoch: the weights are not finite
@@ -273,7 +273,8 @@ class Trainer:
         (stops early when a callback halts). Every ``cfg.checkpoint_minutes`` it hands itself to
         ``mid_epoch_checkpoint``."""
         self.model.train()
-        start, (loss_so_far, seen, steps) = self.step_in_epoch, self.partial
+        start = steps = self.step_in_epoch
+        loss_so_far, seen = self.partial
         loss_sum, seen_before, tic = torch.tensor(loss_so_far, device=self.device), seen, time.perf_counter()
         if start:
             self.loaders.train.skip_batches = start  # the same batches as a whole epoch, from batch ``start`` on
@@ -288,10 +289,10 @@ class Trainer:
                 break
             if every_s and self.mid_epoch_checkpoint and steps < self.steps_per_epoch \
                     and time.monotonic() - saved >= every_s:
-                self.partial = [loss_sum.item(), seen, steps]  # a device sync, once a checkpoint
+                self.partial = [loss_sum.item(), seen]  # a device sync, once a checkpoint
                 self.mid_epoch_checkpoint(self)
                 saved = time.monotonic()
-        self.step_in_epoch, self.partial = 0, [0.0, 0, 0]
+        self.step_in_epoch, self.partial = 0, [0.0, 0]
         seconds = time.perf_counter() - tic
         return {"loss": loss_sum.item() / steps, "lr": state.lr, "moco_m": state.moco_m,
                 "images_per_s": (seen - seen_before) * self.world / seconds, "step_time_s": seconds / (steps - start)}
@@ -344,7 +345,7 @@ class Trainer:
                 callback.load_state_dict(state[callback.name])
         set_rng_state(state["rng"])
         self.epoch, self.knn_init, self.metrics = state["epoch"] + 1, state["knn_top1_init"], state["metrics"]
-        self.step_in_epoch, self.partial = state.get("step_in_epoch", 0), list(state.get("partial", [0.0, 0, 0]))
+        self.step_in_epoch, self.partial = state.get("step_in_epoch", 0), list(state.get("partial", [0.0, 0]))
         if hasattr(self.loaders.train, "next_epoch"):  # FFCV seeds each epoch's order with its epoch counter
             self.loaders.train.next_epoch = self.epoch
 
