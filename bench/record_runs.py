@@ -35,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from record import _with_key  # noqa: E402  (bench/record.py: the same key columns as the first record's traces)
+
 from study import results  # noqa: E402
 from study.status import ENDED  # noqa: E402
 
@@ -96,8 +98,7 @@ def tables_of(study_dir: Path, name: str) -> dict[str, pa.Table]:
         trace = Path(trial["checkpoint"] or "") / "trace.parquet"
         if trace.is_file():
             t = pq.read_table(trace)
-            t = t.add_column(0, "trial_id", pa.array([trial["trial_id"]] * len(t), pa.string()))
-            traces.append(t.add_column(0, "study", pa.array([name] * len(t), pa.string())))
+            traces.append(_with_key(t, {"study": [name] * len(t), "trial_id": [trial["trial_id"]] * len(t)}))
     out["trials"] = pa.Table.from_pylist(ended, schema=out["trials"].schema)
     if traces:
         out["traces"] = pa.concat_tables(traces, promote_options="permissive")

@@ -217,23 +217,24 @@ def detector_summaries(run: Run, policy: StopPolicy, knn_images: int) -> list[di
     live :class:`trainers.signals.InstabilityMonitor` does: each measured step's finite gradient norms, each dense
     kNN value (of ``run.batch_size`` images) and each epoch's kNN top-1. The loss spikes, collapse and non-finite
     flags are the recorded ones (a trace holds no loss)."""
-    groups = [k[5:] for k in run.trace[0] if k.startswith("grad_")
-              and any(r[k] is not None and math.isfinite(r[k]) for r in run.trace)]
+    def finite(v) -> bool:
+        return v is not None and math.isfinite(v)
+
+    groups = [k[5:] for k in run.trace[0] if k.startswith("grad_") and any(finite(r[k]) for r in run.trace)]
     by_epoch: dict[int, list[dict]] = {}
     for r in run.trace:
         by_epoch.setdefault(r["epoch"], []).append(r)
     steps = max(len(rows) for rows in by_epoch.values())
-    dense = max(sum(r["dense_knn"] is not None and math.isfinite(r["dense_knn"]) for r in rows)
-                for rows in by_epoch.values())
+    dense = max(sum(finite(r["dense_knn"]) for r in rows) for rows in by_epoch.values())
     detectors = Detectors(**policy.monitor_options(), spike_tests=steps, dense_tests=max(dense, 1),
                           dense_images=run.batch_size, knn_images=knn_images, groups=groups)
     out = []
     for row in run.epochs:
         rows = by_epoch.get(row["epoch"], [])
         for r in rows:
-            norms = {g: r[f"grad_{g}"] for g in groups if r[f"grad_{g}"] is not None and math.isfinite(r[f"grad_{g}"])}
+            norms = {g: r[f"grad_{g}"] for g in groups if finite(r[f"grad_{g}"])}
             detectors.on_grads(r["step"], r["epoch"] - 1, norms)
-            if r["dense_knn"] is not None and math.isfinite(r["dense_knn"]):
+            if finite(r["dense_knn"]):
                 detectors.on_dense_knn(r["step"], r["epoch"] - 1, r["dense_knn"])
         if row["knn_top1"] is not None:
             detectors.on_epoch_knn(rows[-1]["step"] if rows else 0, row["epoch"] - 1, row["knn_top1"])
