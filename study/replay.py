@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from study.best import finite
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
 from trainers.detectors import Detectors
@@ -217,9 +218,6 @@ def detector_summaries(run: Run, policy: StopPolicy, knn_images: int) -> list[di
     live :class:`trainers.signals.InstabilityMonitor` does: each measured step's finite gradient norms, each dense
     kNN value (of ``run.batch_size`` images) and each epoch's kNN top-1. The loss spikes, collapse and non-finite
     flags are the recorded ones (a trace holds no loss)."""
-    def finite(v) -> bool:
-        return v is not None and math.isfinite(v)
-
     groups = [k[5:] for k in run.trace[0] if k.startswith("grad_") and any(finite(r[k]) for r in run.trace)]
     by_epoch: dict[int, list[dict]] = {}
     for r in run.trace:
