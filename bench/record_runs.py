@@ -45,12 +45,20 @@ TABLES = (*results.TABLES, "traces")
 
 
 def grid_runs(grid: dict) -> list[dict]:
-    """Every run of the grid (axis -> value, ``seed`` included), seed-major."""
+    """Every run of the grid (axis -> value, ``seed`` included), seed-major, then the runs of ``extra_seeds``
+    (``{seeds: [2], cells: [{axis: value, ...}, ...]}``: more seeds in a few cells, for the seed noise)."""
     space = grid["search"]["space"]
     axes = [a for a in space if a != "seed"]
-    return [{**dict(zip(axes, cell, strict=True)), "seed": seed}
+    runs = [{**dict(zip(axes, cell, strict=True)), "seed": seed}
             for seed in space.get("seed", {"choice": [0]})["choice"]
             for cell in itertools.product(*(space[a]["choice"] for a in axes))]
+    extra = grid.get("extra_seeds") or {}
+    for cell in extra.get("cells", []):
+        if sorted(cell) != sorted(axes) or any(cell[a] not in space[a]["choice"] for a in axes):
+            raise SystemExit(f"grid.yaml: extra_seeds.cells: {cell} is not a cell of the grid "
+                             f"(one value of each of {', '.join(axes)} from its choice list)")
+    return runs + [{**{a: cell[a] for a in axes}, "seed": seed}
+                   for seed in extra.get("seeds", []) for cell in extra.get("cells", [])]
 
 
 def run_key(run: dict) -> tuple:
@@ -71,7 +79,8 @@ def run_study(grid: dict, run: dict, index: int, storage: Path) -> dict:
     """The one-trial study file of ``run``."""
     search = {**grid["search"], "space": {a: {"choice": [v]} for a, v in run.items()}, "sampler": "grid",
               "num_samples": 1, "max_concurrent": 1}
-    return {**grid, "name": f"{grid['name']}-{index:04d}", "storage": str(storage), "search": search}
+    study = {k: v for k, v in grid.items() if k != "extra_seeds"}  # the recorder's key, not a study file's
+    return {**study, "name": f"{grid['name']}-{index:04d}", "storage": str(storage), "search": search}
 
 
 def launch(study: dict, storage: Path, timeout_s: float) -> Path:

@@ -44,3 +44,21 @@ def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path)
                                                                         "tiny-record-0001.yaml"]
     record = load_record(str(folder))  # what replay and bench/search.py read
     assert record.traced and sorted(record.runs) == [(1.0e-4,), (3.0e-4,)]
+
+
+def test_extra_seeds_add_runs_to_named_cells_after_the_grid_and_a_foreign_cell_is_one_line():
+    grid = {**GRID, "search": {**GRID["search"], "space": {"base_lr": {"choice": [1.0e-4, 3.0e-4]},
+                                                           "temperature": {"choice": [0.1, 0.5]},
+                                                           "seed": {"choice": [0, 1]}}},
+            "extra_seeds": {"seeds": [2, 3], "cells": [{"base_lr": 3.0e-4, "temperature": 0.1}]}}
+    runs = record_runs.grid_runs(grid)
+    assert len(runs) == 2 * 2 * 2 + 2 and runs[-2:] == [{"base_lr": 3.0e-4, "temperature": 0.1, "seed": 2},
+                                                        {"base_lr": 3.0e-4, "temperature": 0.1, "seed": 3}]
+    assert "extra_seeds" not in record_runs.run_study(grid, runs[-1], 9, Path("runs"))
+    grid["extra_seeds"]["cells"] = [{"base_lr": 1.0e-3, "temperature": 0.1}]
+    try:
+        record_runs.grid_runs(grid)
+    except SystemExit as e:
+        assert "extra_seeds.cells" in str(e) and "base_lr" in str(e)
+    else:
+        raise AssertionError("a cell outside the grid was accepted")
