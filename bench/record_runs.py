@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from record import _with_key  # noqa: E402  (bench/record.py: the same key columns as the first record's traces)
 
 from study import results  # noqa: E402
+from study.results.files import write_atomic  # noqa: E402
 from study.status import ENDED  # noqa: E402
 
 RECORDS = Path(__file__).with_name("records")
@@ -100,7 +101,7 @@ def tables_of(study_dir: Path, name: str) -> dict[str, pa.Table]:
     """The study's four tables, its ended trials only, keyed by study and trial id."""
     out: dict[str, pa.Table] = {}
     for table in results.TABLES:
-        out[table] = results.read_table(study_dir, table).replace_schema_metadata(None)
+        out[table] = results.open(study_dir).table(table).replace_schema_metadata(None)
     ended = [t for t in out["trials"].to_pylist() if t["status"] in ENDED]
     traces = []
     for trial in ended:
@@ -122,7 +123,7 @@ def append(folder: Path, new: dict[str, pa.Table]) -> None:
             continue
         path = folder / f"{name}.parquet"
         parts = [pq.read_table(path), new[name]] if path.is_file() else [new[name]]
-        results.write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
+        write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
 
 
 def commit(folder: Path, message: str) -> None:

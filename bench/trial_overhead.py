@@ -30,7 +30,7 @@ from ray.tune import Callback
 
 import trainers  # noqa: F401  (torchvision shim)
 from study import cluster, runner
-from study.results import ResultsWriter
+from study.results.writer import ResultsWriter
 from study.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from study.best import finite
+from study.results import files
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
 from trainers.detectors import Detectors
@@ -150,12 +151,11 @@ def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: b
                 if not isinstance(dist, dict) or "choice" not in dist:
                     raise SpecError(f"{name}: search.space.{key}: a record needs choice lists (a grid); got {dist!r}")
                 axes[key] = sorted(set(axes.get(key, [])) | set(dist["choice"]))
-    from study import results  # the tables of a study killed mid-way too (epochs and events parts)
 
-    trials = results.read_folder(tables, "trials").to_pylist()
-    epochs = results.read_folder(tables, "epochs").to_pylist()
+    trials = files.read(tables, "trials").to_pylist()
+    epochs = files.read(tables, "epochs").to_pylist()
     try:
-        events = results.read_folder(tables, "events").to_pylist()
+        events = files.read(tables, "events").to_pylist()
     except FileNotFoundError:
         events = []
     by_trial: dict[tuple, list[dict]] = {}
@@ -444,7 +444,8 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
 
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from study import results, runner
+    from study import runner
+    from study.results.writer import ResultsWriter
 
     grid = len(record.runs) * record.epochs
     budget = budget or grid
@@ -458,7 +459,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         run = runner.tune.with_resources(run, {"CPU": 0.01})
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())
-        callbacks = [ledger, *([results.ResultsWriter(spec)] if out else [])]
+        callbacks = [ledger, *([ResultsWriter(spec)] if out else [])]
         with _replay_environment():
             runner.build_tuner(spec, run=run, search=search, callbacks=callbacks, stop=ledger,
                                reuse_actors=True).fit()

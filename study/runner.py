@@ -6,7 +6,7 @@ for each ``extend``), ``train/<trial_id>/`` (each trial's Train run and checkpoi
 restarted trial finds its own checkpoint), ``optuna.db`` (the Optuna study, readable by optuna-dashboard;
 ``optuna.journal`` for a study on NFS, or the database that ``search.storage`` names: study/optuna_storage.py;
 in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log) and
-``results/*.parquet`` (study/results.py).
+``results/*.parquet`` (study/results/).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from study.cluster import connect, ray_logs_dir
 from study.mirror import Mirror, pull
 from study.optuna_storage import check_storage, open_storage, settle_default
 from study.progress import ProgressLine
+from study.results.writer import ResultsWriter
 from study.search import StudySearch, close_orphans, sampler
 from study.spec import SpecError, StudySpec, load_spec, snapshot
 from trainers.config import TrainConfig
@@ -208,7 +209,7 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
         run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.retries),
                                   callbacks=callbacks if callbacks is not None else
-                                  [results.ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
+                                  [ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
     )
 
 
@@ -254,7 +255,7 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
         data_paths = prepare_data(spec)
         save_spec(spec)
         build_tuner(spec, data_paths, max_concurrent=max_concurrent).fit()
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()
 
 
 def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = True) -> pa.Table:
@@ -272,7 +273,7 @@ def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = Tr
         tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                            resume_errored=True).fit()
     close_orphans(spec, spec.name)
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()
 
 
 def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbose: bool = True) -> pa.Table:
@@ -290,4 +291,4 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()
