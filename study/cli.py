@@ -132,10 +132,11 @@ def launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         if not args.address:  # a real launch checks in cluster.connect, before Ray starts
             cluster.check_fits(spec, cluster.local_nodes(), "this machine")
-        from study.optuna_storage import check_storage, settle_default
+        from study.optuna_storage import check_storage
+        from study.spec import with_default_storage
 
         runner.check_locations(spec)  # as runner.run_study does, before Ray starts: buckets writable,
-        settle_default(spec)  # the Optuna storage it would use, reachable
+        spec = with_default_storage(spec)  # the Optuna storage it would use, reachable
         check_storage(spec)
         print(describe(spec, args.address))
         return 0

@@ -35,7 +35,8 @@ from study.results import files
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
 from trainers.detectors import Detectors
-from trainers.policy import DETECTOR_FIELDS, StopPolicy, history_entry, verdict
+from trainers.policy import DETECTOR_FIELDS, StopPolicy, history_entry, verdict, verdict_report
+from trainers.records import halted
 
 RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
 DEFAULT_RECORD = "mocov3-fmnist-grid"
@@ -283,17 +284,15 @@ def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int)
     for row in run.epochs:
         history.append(summary(row, policy, record.feature_dim))
         judged = verdict(history, policy)
-        stop = judged is not None and policy.mode == "enforce"
-        metrics = {k: v for k, v in row.items() if k not in ("study", "trial_id", "verdict", "verdict_reason",
-                                                              "stopped")}
-        if stop and judged[0] == "diverged":  # the trainer does not evaluate a diverged model
-            metrics.update(knn_top1=math.nan, knn_top1_k200=math.nan, rankme=math.nan)
+        metrics = {**row, **verdict_report(judged, policy)}
+        if metrics["stopped"] and judged[0] == "diverged":  # as the Trainer reports a run that halted
+            metrics = halted(metrics)
         metrics.update(events=[{k: e[k] for k in ("step", "epoch", "kind", "layer", "magnitude")}
                                for e in run.events.get(row["epoch"], [])],
-                       verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
-                       stopped=int(stop), replayed_trial=run.trial_id, replayed_seed=run.seed)
+                       replayed_trial=run.trial_id, replayed_seed=run.seed)
+        metrics.pop("study", None), metrics.pop("trial_id", None)  # the report is of the replaying trial
         tune.report(metrics)
-        if stop:
+        if metrics["stopped"]:
             return
 
 
@@ -453,7 +452,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
     with tempfile.TemporaryDirectory(prefix="ssl-study-replay-") as root:
         spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
-            spec.name = Path(out).name
+            spec = replace(spec, name=Path(out).name)
         played = record.with_detectors(spec.stopping)
         run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed)
         run = runner.tune.with_resources(run, {"CPU": 0.01})

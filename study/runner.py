@@ -12,6 +12,7 @@ in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (eac
 from __future__ import annotations
 
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -38,11 +39,11 @@ from search_spaces import define_by_run
 from study import results
 from study.cluster import connect, ray_logs_dir
 from study.mirror import Mirror, pull
-from study.optuna_storage import check_storage, open_storage, settle_default
+from study.optuna_storage import check_storage, open_storage
 from study.progress import ProgressLine
 from study.results.writer import ResultsWriter
 from study.search import StudySearch, close_orphans, sampler
-from study.spec import SpecError, StudySpec, load_spec, snapshot
+from study.spec import SpecError, StudySpec, load_spec, snapshot, with_default_storage
 from trainers.config import TrainConfig
 from trainers.worker import train_loop_per_worker
 
@@ -249,7 +250,7 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
         raise SpecError(f"{spec.source}: name: study {spec.name!r} already exists in {spec.study_dir}; "
                         f"`ssl-study resume {spec.name}` continues it, `ssl-study extend {spec.name} --trials N` "
                         f"adds trials, or choose another name")
-    settle_default(spec)  # journal instead of SQLite for a study directory on NFS
+    spec = with_default_storage(spec)  # journal instead of SQLite for a study directory on NFS
     check_storage(spec)  # an unreachable database is one line here, before Ray starts
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
@@ -282,12 +283,12 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
         raise SpecError(f"--trials: must be >= 1, got {trials}")
     check_locations(spec)
     found = experiments(spec.study_dir)
-    spec.search.num_samples = trials
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
     pull(spec)
     check_storage(spec)
-    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
+    had = len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
+    spec = replace(spec, search=replace(spec.search, num_samples=trials, seed=spec.search.seed + had))
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()

@@ -1,5 +1,6 @@
 """Study files are validated whole, before Ray starts; each error is one line naming file and key."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -173,7 +174,7 @@ def test_an_autoscaling_cluster_runs_every_trial_at_once_and_workers_get_their_c
     spec = load_spec(write(tmp_path, yaml.safe_dump(data)))
     no_gpu_yet = [{"CPU": 2.0, "GPU": 0.0}]  # the head of an autoscaling cluster, before any GPU node is up
     assert concurrency(spec, no_gpu_yet) == 16  # not 1: pending trials are what make the autoscaler scale
-    spec.resources.check = True
+    spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, check=True))
     assert concurrency(spec, [{"CPU": 17.0, "GPU": 4.0}]) == 2  # a trial: 2 x 4 CPUs + 0.1 driver, 2 GPUs
     cfg = spec.train_config()
     assert (cfg.loader_workers, cfg.threads) == (4, 4)  # a worker's threads are its CPUs unless the file says

@@ -81,3 +81,12 @@ class EpochRecord(EpochSignals):
 
     def report(self) -> dict:
         return asdict(self)
+
+
+EVALUATED = ("knn_top1", "knn_top1_k200", "rankme")  # what Trainer.evaluate measures on the weights
+
+
+def halted(report: dict) -> dict:
+    """``report`` of an epoch that ended with non-finite weights: nothing measured on them is meaningful, so the
+    Trainer does not evaluate (and a replay of such a run reports the same)."""
+    return {**report, **dict.fromkeys(EVALUATED, NAN)}

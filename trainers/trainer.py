@@ -34,7 +34,7 @@ from trainers.evaluation import evaluate
 from trainers.host import keep_freed_memory
 from trainers.methods import build_method
 from trainers.optim import create_optimizer
-from trainers.records import EpochRecord
+from trainers.records import EpochRecord, halted
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
 from trainers.sync_batchnorm import convert_sync_batchnorm
 
@@ -198,13 +198,14 @@ class Trainer:
     """Pretrain ``cfg`` on this process (one rank of a torch.distributed group, or alone).
 
     ``loaders`` default to the run's FFCV files (:func:`ffcv_loaders`), ``model`` to the method and backbone
-    ``cfg`` names (:func:`build_model`), ``callbacks`` to :func:`trainers.callbacks.default_callbacks`. Iterate
+    ``cfg`` names (:func:`build_model`); ``callbacks`` run in their order (none by default:
+    :func:`trainers.build.build_trainer` builds a run's parts, its callbacks among them, then its Trainer). Iterate
     :meth:`epochs` for each epoch's metrics: a dict with every field of ``record`` (trainers/records.py; a subclass
     adds metrics), its default where nothing measured it, and what callbacks add.
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu", *, loaders: Loaders | None = None,
-                 model: nn.Module | None = None, callbacks: Sequence[Callback] | None = None,
+                 model: nn.Module | None = None, callbacks: Sequence[Callback] = (),
                  record: type[EpochRecord] = EpochRecord) -> None:
         seed_everything(cfg.seed)
         self.cfg, self.device, self.record = cfg, torch.device(device), record
@@ -233,10 +234,6 @@ class Trainer:
         self.steps_per_epoch = len(self.loaders.train)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        if callbacks is None:
-            from trainers.callbacks import default_callbacks
-
-            callbacks = default_callbacks(self)
         self.callbacks = list(callbacks)
         self.epoch = 0  # the next epoch to train
         self.step_in_epoch = 0  # batches of that epoch already trained (a checkpoint taken mid-epoch)
@@ -314,8 +311,7 @@ class Trainer:
             tic = time.perf_counter()
             # Every field, so that every run reports one schema; a callback that is off leaves its default (NaN).
             metrics = {**self.record(epoch=self.epoch + 1).report(), **self.train_epoch(self.epoch)}
-            if not self.halted:  # a diverged model has non-finite weights: its kNN is meaningless (left NaN)
-                metrics.update(self.evaluate())
+            metrics = halted(metrics) if self.halted else {**metrics, **self.evaluate()}
             metrics.update(knn_top1_init=self.knn_init, epoch_time_s=time.perf_counter() - tic)
             for callback in self.callbacks:
                 callback.on_epoch_end(self.epoch, metrics)
