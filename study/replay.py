@@ -311,6 +311,7 @@ class Strategy:
     metric: str = "knn_top1"
     constraints: bool = False
     startup_trials: int = 10
+    startup: str = "random"  # how TPE's first trials are drawn: random, or a Sobol design
     rerun_duplicates: bool = False
     grace_period: int = 1
     reduction_factor: int = 2
@@ -326,7 +327,8 @@ def replay_spec(record: Record, strategy: Strategy, trials: int, seed: int, root
         resources=Resources(workers=1, cpus_per_worker=0.01, driver_cpus=0.01, check=False),
         search=Search(space=record.space(), num_samples=trials, max_concurrent=1, metric=strategy.metric,
                       mode="max", sampler=strategy.sampler, seed=seed, constraints=strategy.constraints,
-                      startup_trials=strategy.startup_trials, rerun_duplicates=strategy.rerun_duplicates),
+                      startup_trials=strategy.startup_trials, startup=strategy.startup,
+                      rerun_duplicates=strategy.rerun_duplicates),
         scheduler=Scheduler(type=strategy.scheduler, grace_period=strategy.grace_period,
                             reduction_factor=strategy.reduction_factor),
         stopping=replay_policy(record, strategy.stopping, strategy.policy), source=f"replay {strategy.name}")

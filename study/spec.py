@@ -27,6 +27,7 @@ from trainers.policy import StopPolicy
 
 METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
+STARTUPS = ("random", "sobol")
 SCHEDULERS = ("asha", "fifo")
 
 
@@ -63,7 +64,10 @@ class Search:
     # Trials the instability policy stopped or flagged (unstable, diverged, collapsed) become constraint
     # violations the sampler models (TPE's feasibility split), instead of only PRUNED trials ranked low.
     constraints: bool = False
-    startup_trials: int = 10  # TPE samples at random for its first trials (Optuna's default 10)
+    startup_trials: int = 10  # TPE's first trials, before it models (Optuna's default 10)
+    # How TPE's first trials are drawn: "random" (Optuna's), or "sobol", a scrambled Sobol design that spreads
+    # them over every axis (study/search.py SobolStart)
+    startup: str = "random"
     rerun_duplicates: bool = False  # False: a configuration that already ran is told its outcome, not run again
 
 
@@ -253,6 +257,7 @@ def validate(spec: StudySpec) -> StudySpec:
     _one_of(s.metric, METRICS, f"{src}: search.metric")
     _one_of(s.mode, ("max", "min"), f"{src}: search.mode")
     _one_of(s.sampler, SAMPLERS, f"{src}: search.sampler")
+    _one_of(s.startup, STARTUPS, f"{src}: search.startup")
     # the URL only; whether its database answers is checked at launch (check_storage)
     if s.storage is not None and (why := url_problem(s.storage)):
         raise SpecError(f"{src}: search.storage: {why}")
