@@ -62,6 +62,10 @@ STRATEGIES = {
     # issue 27: the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best
     # tenth goes on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose
     # first trials are a Sobol design
+    "hyperband": rp.Strategy("hyperband", sampler="random", scheduler="hyperband", reduction_factor=3),
+    # BOHB-style: TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own package, is
+    # unmaintained since 2019; Tune's TuneBOHB needs it): the closest maintained pair
+    "tpe+hyperband": rp.Strategy("tpe+hyperband", scheduler="hyperband", reduction_factor=3),
     "random+top10%@1": rp.Strategy("random+top10%@1", sampler="random", scheduler="asha", reduction_factor=10),
     "tpe(sobol)+asha": rp.Strategy("tpe(sobol)+asha", scheduler="asha", startup="sobol"),
     "tpe(sobol)+asha+policy": rp.Strategy("tpe(sobol)+asha+policy", scheduler="asha", stopping="enforce",

@@ -274,14 +274,20 @@ def first_verdict(rows: Sequence[dict], policy: StopPolicy, feature_dim: int) ->
     return None
 
 
-def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int) -> None:
+def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int, pauses: bool = False) -> None:
     """Tune function trainable: report one recorded run of the suggested cell, epoch by epoch, as the trainer
-    reported it, and stop where ``policy`` (enforce) would have stopped the real run."""
+    reported it, and stop where ``policy`` (enforce) would have stopped the real run. ``pauses``: a scheduler may
+    pause it (Hyperband): every epoch comes with a checkpoint (the epochs played), as the real trainer's does, and a
+    resumed trial goes on after it."""
     from ray import tune
 
     run = record.pick(record.cell(config), seed)
-    history = []
-    for row in run.epochs:
+    done = 0
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            done = int((Path(folder) / "epochs").read_text())
+    history = [summary(row, policy, record.feature_dim) for row in run.epochs[:done]]
+    for row in run.epochs[done:]:
         history.append(summary(row, policy, record.feature_dim))
         judged = verdict(history, policy)
         metrics = {**row, **verdict_report(judged, policy)}
@@ -291,7 +297,12 @@ def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int)
                                for e in run.events.get(row["epoch"], [])],
                        replayed_trial=run.trial_id, replayed_seed=run.seed)
         metrics.pop("study", None), metrics.pop("trial_id", None)  # the report is of the replaying trial
-        tune.report(metrics)
+        if pauses:
+            with tempfile.TemporaryDirectory(prefix="replay-") as folder:
+                (Path(folder) / "epochs").write_text(str(row["epoch"]))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
         if metrics["stopped"]:
             return
 
@@ -456,7 +467,8 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         if out:
             spec = replace(spec, name=Path(out).name)
         played = record.with_detectors(spec.stopping)
-        run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed)
+        run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed,
+                                          pauses=strategy.scheduler == "hyperband")
         run = runner.tune.with_resources(run, {"CPU": 0.01})
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())

@@ -11,6 +11,7 @@ in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (eac
 
 from __future__ import annotations
 
+import math
 import traceback
 from dataclasses import replace
 from functools import partial
@@ -30,7 +31,7 @@ from ray.train.v2._internal.exceptions import (
 )
 from ray.train.v2.api.exceptions import ControllerError, PreemptionError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
 
 from data import store
 from data.datasets import prepare
@@ -191,7 +192,21 @@ def build_scheduler(spec: StudySpec):
         return ASHAScheduler(time_attr="epoch", max_t=spec.train_config().epochs,
                              grace_period=spec.scheduler.grace_period,
                              reduction_factor=spec.scheduler.reduction_factor)
+    if spec.scheduler.type == "hyperband":
+        # Hyperband (Li et al. 2018): brackets of ever fewer, longer trials. Tune's HyperBandScheduler halves a
+        # bracket once the trials *added so far* reach a rung, so with trials suggested one at a time (a searcher,
+        # a concurrency limit) it never halves; its BOHB variant pauses a trial at a rung until the bracket is full
+        # (the trial resumes from that epoch's checkpoint). The survivors of a bracket's last rung train to the
+        # end (rungs are max_t / eta^k rounded down: 1, 3, 9 of 10 epochs at eta 3). grace_period does not apply.
+        return HyperBandForBOHB(time_attr="epoch", max_t=spec.train_config().epochs,
+                                reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
     return FIFOScheduler()
+
+
+def largest_bracket(max_t: int, eta: int) -> int:
+    """Trials in Hyperband's most aggressive bracket, as Tune's HyperBandScheduler sizes it: ceil(eta^(s_max))
+    with s_max = round(log_eta max_t) (9 at 10 epochs and eta 3)."""
+    return math.ceil(eta ** round(math.log(max_t) / math.log(eta)))
 
 
 def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, experiment: str = "tune",
@@ -200,10 +215,15 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
     """The study's Tune experiment: its searcher, scheduler and trainable (default: the real trainer; a replay
     passes its own ``run``, ``search`` on an in-memory Optuna storage, ``callbacks`` and a budget ``stop``)."""
     max_concurrent = max_concurrent or spec.search.max_concurrent or 1
+    scheduler = build_scheduler(spec)
+    if spec.scheduler.type == "hyperband":  # a bracket halves once full: its trials must be out at once
+        # (paused ones give their resources back; the others wait for them as pending trials)
+        max_concurrent = max(max_concurrent, largest_bracket(spec.train_config().epochs,
+                                                             spec.scheduler.reduction_factor))
     return tune.Tuner(
         run or trainable(spec, data_paths),
         tune_config=tune.TuneConfig(metric=spec.search.metric, mode=spec.search.mode,
-                                    search_alg=search or build_search(spec), scheduler=build_scheduler(spec),
+                                    search_alg=search or build_search(spec), scheduler=scheduler,
                                     num_samples=spec.search.num_samples,
                                     max_concurrent_trials=max_concurrent,
                                     reuse_actors=reuse_actors),

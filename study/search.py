@@ -183,6 +183,12 @@ class StudySearch(OptunaSearch):
             with suppress(UpdateFinishedTrialError):  # a resumed study may restart a trial Optuna saw end
                 super().on_trial_result(trial_id, result)
 
+    def on_pause(self, trial_id: str) -> None:
+        """Hyperband paused the trial until its bracket is full (runner.build_scheduler): it goes on later."""
+
+    def on_unpause(self, trial_id: str) -> None:
+        """Hyperband resumed the trial."""
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)

@@ -28,7 +28,7 @@ from trainers.policy import StopPolicy
 METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
 STARTUPS = ("random", "sobol")
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "hyperband", "fifo")
 
 
 @dataclass(frozen=True)
