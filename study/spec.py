@@ -287,6 +287,9 @@ def validate(spec: StudySpec) -> StudySpec:
                                 f"use {{choice: [...]}} or sampler tpe/random")
     _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
     _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
+    if spec.scheduler.reduction_factor < 2:
+        raise SpecError(f"{src}: scheduler.reduction_factor: must be >= 2 (a rung keeps 1 / reduction_factor of its "
+                        f"trials), got {spec.scheduler.reduction_factor}")
     if not spec.name or "/" in spec.name:
         raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
     return spec
