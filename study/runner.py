@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pyarrow as pa
+import ray
 import yaml
 from ray import tune
 from ray.exceptions import RayActorError, RayTaskError
@@ -99,6 +100,13 @@ def _died(error: BaseException) -> bool:
     return isinstance(error, RayActorError)
 
 
+def stopped_by_tune() -> bool:
+    """Whether Tune is stopping this trial (Hyperband pausing it at a rung, a scheduler or the study ending it):
+    Tune removes the trial's placement group, which kills its Train controller, so ``fit`` raises here."""
+    group = ray.util.get_current_placement_group()
+    return group is not None and ray.util.placement_group_table(group).get("state") == "REMOVED"
+
+
 def failed_marker(logs_dir: str, trial_id: str) -> Path | ObjectPath:
     """Where a trial that raised says so: a retry of its driver (on any node) then fails at once instead of
     training into the same exception again (``resume`` removes the markers: it retries failed trials on purpose)."""
@@ -149,6 +157,8 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
             trainer().fit()
             return
         except Exception as e:
+            if stopped_by_tune():  # a pause (Hyperband) or a stop: not a failure; a resumed trial restores
+                raise
             lost = lost_process(e)
             if lost and attempt < resources.retries:
                 store.append_text(log, f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
