@@ -67,8 +67,8 @@ STRATEGIES = {
     # unmaintained since 2019; Tune's TuneBOHB needs it): the closest maintained pair
     "tpe+hyperband": rp.Strategy("tpe+hyperband", scheduler="hyperband", reduction_factor=3),
     "random+top10%@1": rp.Strategy("random+top10%@1", sampler="random", scheduler="asha", reduction_factor=10),
-    "tpe(sobol)+asha": rp.Strategy("tpe(sobol)+asha", scheduler="asha", startup="sobol"),
-    "tpe(sobol)+asha+policy": rp.Strategy("tpe(sobol)+asha+policy", scheduler="asha", stopping="enforce",
+    "sobol-tpe+asha": rp.Strategy("sobol-tpe+asha", scheduler="asha", startup="sobol"),
+    "sobol-tpe+asha+policy": rp.Strategy("sobol-tpe+asha+policy", scheduler="asha", stopping="enforce",
                                           startup="sobol"),
 }
 

@@ -75,11 +75,11 @@ def test_real_replays_find_the_known_best_cell(record):
 
     cluster.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
     curves = {name: [rp.replay(record, search.STRATEGIES[name], seed=seed) for seed in range(3)]
-              for name in ("grid", "random+asha", "tpe(sobol)+asha", "hyperband")}
+              for name in ("grid", "random+asha", "sobol-tpe+asha", "hyperband")}
     rows = {r["strategy"]: r for r in search.race(curves, record)}
     assert rows["grid"]["found"] == 1.0 and rows["grid"]["regret0.5"][0] <= 0.24  # half the grid: >= 2 cells
     assert all(score(runs) for runs in curves.values())
-    assert 0.0 <= rows["tpe(sobol)+asha"]["p0.25"] <= 1.0 and rows["grid"]["reach"][2] <= 1.0
+    assert 0.0 <= rows["sobol-tpe+asha"]["p0.25"] <= 1.0 and rows["grid"]["reach"][2] <= 1.0
     # Hyperband's second bracket (3 trials from 1 epoch) halves: a trial paused at its rung resumes or is pruned
     assert any(e.status == "pruned" and e.epochs == 1 for runs in curves["hyperband"] for e in runs)
     assert any(e.status == "completed" and e.epochs == EPOCHS for runs in curves["hyperband"] for e in runs)
