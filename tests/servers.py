@@ -136,16 +136,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def pids_naming(text: str, *, here: bool = False) -> list[int]:
-    """PIDs (not this process) whose command line contains ``text``; with ``here``, only those running in this
-    process's directory: Ray's workers run in their driver's, so a test that kills a worker leaves another
-    checkout's Ray on the same machine (a recording, a second test run) alone."""
-    pids, cwd = [], os.getcwd()
+def pids_naming(text: str) -> list[int]:
+    """PIDs (not this process) whose command line contains ``text``."""
+    pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
-                        and (not here or os.readlink(proc / "cwd") == cwd):
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                     pids.append(int(proc.name))
             except OSError:
                 pass

@@ -45,13 +45,11 @@ def survived(tmp_path_factory):
             done = {t: max(e["epoch"] for e in epochs if e["trial_id"] == t) for t in trials}
             # Kill once a trial's first epochs are in the table (the writer flushes every few seconds) and some
             # are still to come.
-            workers = pids_naming("ray::RayTrainWorker", here=True)
-            drivers = pids_naming("ray::ImplicitFunc", here=True)
-            if not kills and trials and done[trials[0]] < 4 and workers:
-                os.kill(workers[-1], signal.SIGKILL)
+            if not kills and trials and done[trials[0]] < 4 and pids_naming("ray::RayTrainWorker"):
+                os.kill(pids_naming("ray::RayTrainWorker")[-1], signal.SIGKILL)
                 kills.append(("worker", trials[0], done[trials[0]]))
-            elif len(kills) == 1 and len(trials) == 2 and done[trials[1]] < 4 and drivers:
-                os.kill(drivers[0], signal.SIGKILL)
+            elif len(kills) == 1 and len(trials) == 2 and done[trials[1]] < 4 and pids_naming("ray::ImplicitFunc"):
+                os.kill(pids_naming("ray::ImplicitFunc")[0], signal.SIGKILL)
                 kills.append(("trial driver", trials[1], done[trials[1]]))
             time.sleep(0.2)
     finally:

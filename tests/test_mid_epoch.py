@@ -47,7 +47,7 @@ def launch(spec, kill_after_step: int | None = None) -> tuple[int, list[tuple[in
             if kill_after_step is not None and not kills:
                 mid = [p for p in spec.study_dir.glob("train/*/mid_epoch/step-*") if p.name[5:].isdigit()]
                 steps = [(int(p.name[5:]), p) for p in mid if int(p.name[5:]) > kill_after_step]
-                workers = pids_naming("ray::RayTrainWorker", here=True)
+                workers = pids_naming("ray::RayTrainWorker")
                 if steps and workers:
                     step, path = max(steps)
                     try:
