@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from record import _with_key  # noqa: E402  (bench/record.py: the same key columns as the first record's traces)
 
 from study import results  # noqa: E402
+from study.results import files  # noqa: E402
 from study.results.files import write_atomic  # noqa: E402
 from study.status import ENDED  # noqa: E402
 
@@ -122,7 +123,7 @@ def append(folder: Path, new: dict[str, pa.Table]) -> None:
         if name not in new:
             continue
         path = folder / f"{name}.parquet"
-        parts = [pq.read_table(path), new[name]] if path.is_file() else [new[name]]
+        parts = [files.read_file(path), new[name]] if path.is_file() else [new[name]]  # older schemas renamed
         write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
 
 

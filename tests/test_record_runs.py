@@ -62,3 +62,14 @@ def test_extra_seeds_add_runs_to_named_cells_after_the_grid_and_a_foreign_cell_i
         assert "extra_seeds.cells" in str(e) and "base_lr" in str(e)
     else:
         raise AssertionError("a cell outside the grid was accepted")
+
+
+def test_rows_of_a_new_schema_append_to_a_record_of_an_older_one(tmp_path):
+    import pyarrow as pa
+
+    old = pa.table({"study": ["r-0000"], "trial_id": ["a"], "knn_dips": [1.0]})  # schema 2's name
+    pq.write_table(old, tmp_path / "trials.parquet")
+    record_runs.append(tmp_path, {"trials": pa.table({"study": ["r-0001"], "trial_id": ["b"], "knn_dip_count": [2.0]})})
+    table = pq.read_table(tmp_path / "trials.parquet")
+    assert table.column_names == ["study", "trial_id", "knn_dip_count"]
+    assert table.column("knn_dip_count").to_pylist() == [1.0, 2.0]
