@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -145,6 +146,9 @@ def record(folder: Path, *, parallel: int = 1, limit: int | None = None, storage
         index, run = item
         tic = time.perf_counter()
         study = run_study(grid, run, index, storage)
+        # A sitting that was stopped left this run's study half-made; it is not in the record, so it starts over
+        # (launch refuses a study that exists).
+        shutil.rmtree(storage / study["name"], ignore_errors=True)
         tables = tables_of(launch(study, storage, timeout_s), study["name"])
         with lock:  # one writer of the folder's tables at a time
             append(folder, tables)

@@ -31,6 +31,7 @@ def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path)
     folder.mkdir()
     (folder / "grid.yaml").write_text(yaml.safe_dump(GRID))
     storage = tmp_path / "runs"
+    (storage / "tiny-record-0000" / "tune").mkdir(parents=True)  # what a stopped sitting leaves of a run
     first = record_runs.record(folder, limit=1, storage=storage)
     assert first == [record_runs.run_key({"base_lr": 1.0e-4, "seed": 0})]  # seed-major, in grid order
     second = record_runs.record(folder, storage=storage)  # a later sitting: only the missing run
