@@ -22,8 +22,8 @@ $(STAMP): requirements/lock.txt pyproject.toml
 study: setup
 	$(VENV)/bin/ssl-study launch
 
-# `make test`: everything but the real-cluster tests (about 15 min on 2 cores); `make test-cluster`: those
-# (processes killed, two Ray nodes, a job on a Ray head: about 10 min). CI runs both.
+# `make test`: everything but the real-cluster tests (14-20 min on 2 cores); `make test-cluster`: those
+# (processes killed, two Ray nodes, a job on a Ray head, Hyperband: about 22 min). CI runs both.
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not cluster"

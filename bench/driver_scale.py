@@ -1,6 +1,6 @@
 """Does the driver keep up with a study of thousands of trials? (issue 15 §5)
 
-Drives the real results writer (study/results.py ``ResultsWriter``, through the Tune callback hooks the driver
+Drives the real results writer (study/results/writer.py ``ResultsWriter``, through the Tune callback hooks the driver
 calls) and the project's real Optuna sampler (study/search.py ``sampler``: TPE, multivariate, constant liar;
 ask / tell on an in-memory or SQLite storage) with a cheap fake trial stream: no Ray cluster, no training.
 ``--trials`` trials of ``--epochs`` epochs each, ``--concurrent`` running at once; at each step one running trial
@@ -40,6 +40,7 @@ from ray.tune.experiment import Trial
 
 from search_spaces.space import sample
 from study import results
+from study.results.writer import ResultsWriter
 from study.search import sampler
 from study.spec import Resources, Search, StudySpec
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     # by default (the stream goes as fast as it can: ~10^4 reports/s), or a simulated one that moves
     # epoch_s / concurrent per report (the pace of trials whose epochs take epoch_s seconds).
     sim = SimClock()
-    writer = results.ResultsWriter(spec, **({"clock": sim} if args.epoch_s else {}))
+    writer = ResultsWriter(spec, **({"clock": sim} if args.epoch_s else {}))
     rng = random.Random(0)
 
     ask_s, tell_s, report_s, end_s = [], [], [], []
@@ -185,8 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     writer.on_experiment_end([])
     end_of_experiment_s = time.perf_counter() - t
     t = time.perf_counter()
-    epochs = results.read_table(spec.study_dir, "epochs")
-    trials = results.read_table(spec.study_dir, "trials")
+    epochs = results.open(spec.study_dir).table("epochs")
+    trials = results.open(spec.study_dir).table("trials")
     read_s = time.perf_counter() - t
     files = sorted(p.name for p in (spec.study_dir / "results").iterdir())
     out = {

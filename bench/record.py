@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import ray
 
 from study import cluster, results, runner
+from study.results.files import write_atomic
 from study.spec import load_spec
 from study.status import ENDED
 
@@ -56,7 +57,7 @@ def export(specs: list, folder: Path) -> None:
         if not (out / "trials.parquet").exists():
             continue
         for name in results.TABLES:
-            tables[name].append(results.read_table(spec.study_dir, name).replace_schema_metadata(None))
+            tables[name].append(results.open(spec.study_dir).table(name).replace_schema_metadata(None))
         for trial in pq.read_table(out / "trials.parquet").to_pylist():
             trace = Path(trial["checkpoint"] or "") / "trace.parquet"
             if trial["status"] in ENDED and trace.is_file():
@@ -68,7 +69,7 @@ def export(specs: list, folder: Path) -> None:
             table = pa.concat_tables(parts, promote_options="permissive")
             if name == "trials":  # only ended runs: a running trial's row would be replayed as if finished
                 table = table.filter(pc.is_in(table["status"], pa.array(ENDED)))
-            results.write_atomic(table, folder / f"{name}.parquet")
+            write_atomic(table, folder / f"{name}.parquet")
             print(f"  {folder / (name + '.parquet')}: {table.num_rows} rows")
 
 

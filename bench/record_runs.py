@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 from record import _with_key  # noqa: E402  (bench/record.py: the same key columns as the first record's traces)
 
 from study import results  # noqa: E402
+from study.results import files  # noqa: E402
+from study.results.files import write_atomic  # noqa: E402
 from study.status import ENDED  # noqa: E402
 
 RECORDS = Path(__file__).with_name("records")
@@ -100,7 +103,7 @@ def tables_of(study_dir: Path, name: str) -> dict[str, pa.Table]:
     """The study's four tables, its ended trials only, keyed by study and trial id."""
     out: dict[str, pa.Table] = {}
     for table in results.TABLES:
-        out[table] = results.read_table(study_dir, table).replace_schema_metadata(None)
+        out[table] = results.open(study_dir).table(table).replace_schema_metadata(None)
     ended = [t for t in out["trials"].to_pylist() if t["status"] in ENDED]
     traces = []
     for trial in ended:
@@ -121,8 +124,8 @@ def append(folder: Path, new: dict[str, pa.Table]) -> None:
         if name not in new:
             continue
         path = folder / f"{name}.parquet"
-        parts = [pq.read_table(path), new[name]] if path.is_file() else [new[name]]
-        results.write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
+        parts = [files.read_file(path), new[name]] if path.is_file() else [new[name]]  # older schemas renamed
+        write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
 
 
 def commit(folder: Path, message: str) -> None:
@@ -143,6 +146,9 @@ def record(folder: Path, *, parallel: int = 1, limit: int | None = None, storage
         index, run = item
         tic = time.perf_counter()
         study = run_study(grid, run, index, storage)
+        # A sitting that was stopped left this run's study half-made; it is not in the record, so it starts over
+        # (launch refuses a study that exists).
+        shutil.rmtree(storage / study["name"], ignore_errors=True)
         tables = tables_of(launch(study, storage, timeout_s), study["name"])
         with lock:  # one writer of the folder's tables at a time
             append(folder, tables)

@@ -27,7 +27,6 @@ import multiprocessing
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +59,17 @@ STRATEGIES = {
                                                      startup_trials=5, reduction_factor=3),
     "tpe+asha+calibrated(rankme)": rp.Strategy("tpe+asha+calibrated(rankme)", scheduler="asha", stopping="enforce",
                                                policy="calibrated", metric="rankme"),
+    # issue 27: the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best
+    # tenth goes on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose
+    # first trials are a Sobol design
+    "hyperband": rp.Strategy("hyperband", sampler="random", scheduler="hyperband", reduction_factor=3),
+    # BOHB-style: TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own package, is
+    # unmaintained since 2019; Tune's TuneBOHB needs it): the closest maintained pair
+    "tpe+hyperband": rp.Strategy("tpe+hyperband", scheduler="hyperband", reduction_factor=3),
+    "random+top10%@1": rp.Strategy("random+top10%@1", sampler="random", scheduler="asha", reduction_factor=10),
+    "sobol-tpe+asha": rp.Strategy("sobol-tpe+asha", scheduler="asha", startup="sobol"),
+    "sobol-tpe+asha+policy": rp.Strategy("sobol-tpe+asha+policy", scheduler="asha", stopping="enforce",
+                                          startup="sobol"),
 }
 
 
@@ -84,10 +94,22 @@ def answer_at(ended: list[rp.Ended], epochs: float) -> float:
     return worth
 
 
+FRACTIONS = (0.05, 0.10, 0.25, 0.50)  # of the grid's compute, where the regret is measured
+BASELINE = "random+asha"  # what every strategy is tested against (paired by replay seed)
+REFERENCE = "random"  # the normalised score's 0
+
+
+def regret_at(ended: list[rp.Ended], record: rp.Record, fraction: float) -> float:
+    """Best cell's worth minus the answer's once ``fraction`` of the grid's compute was spent (no answer yet: an
+    average cell's)."""
+    worth = answer_at(ended, fraction * len(record.runs) * record.epochs)
+    return record.truth(record.best_cell()) - (statistics.mean(record.truth(c) for c in record.runs)
+                                               if math.isnan(worth) else worth)
+
+
 def score(ended: list[rp.Ended], record: rp.Record) -> dict:
     grid = len(record.runs) * record.epochs
     best = record.truth(record.best_cell())
-    average = statistics.mean(record.truth(c) for c in record.runs)
     # from when on the answer stays within 1 point (an answer can get worse: a completed trial with a luckier
     # seed displaces a better cell's)
     reach = math.inf
@@ -95,16 +117,53 @@ def score(ended: list[rp.Ended], record: rp.Record) -> dict:
         if not e.incumbent_truth >= best - 0.01:
             break
         reach = e.epochs_used / grid
-
-    def regret(fraction: float) -> float:
-        worth = answer_at(ended, fraction * grid)
-        return best - (average if math.isnan(worth) else worth)
-
     final = ended[-1].incumbent if ended else None
-    return {"reach": reach, "regret25": regret(0.25), "regret50": regret(0.5), "found": final == record.best_cell(),
-            "used": (ended[-1].epochs_used if ended else 0) / grid, "trials": len(ended),
-            "stopped": sum(e.status in ("unstable", "diverged", "collapsed") for e in ended),
+    return {"reach": reach, **{f"regret{f:g}": regret_at(ended, record, f) for f in FRACTIONS},
+            "found": final == record.best_cell(), "used": (ended[-1].epochs_used if ended else 0) / grid,
+            "trials": len(ended), "stopped": sum(e.status in ("unstable", "diverged", "collapsed") for e in ended),
             "pruned": sum(e.status == "pruned" for e in ended)}
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt n)."""
+    return statistics.mean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
+
+
+def normalised(regrets: list[float], reference: list[float]) -> float:
+    """1 - mean regret / the reference's mean regret: 0 = the reference (random search), 1 = the best cell."""
+    ref = statistics.mean(reference)
+    return 1.0 - statistics.mean(regrets) / ref if ref > 0 else math.nan
+
+
+def wilcoxon_p(xs: list[float], ys: list[float]) -> float:
+    """Two-sided p of the paired Wilcoxon signed-rank test of ``xs`` against ``ys`` (same replay seeds; ties at
+    zero difference dropped, Wilcoxon's method); 1 when every pair is equal."""
+    from scipy.stats import wilcoxon
+
+    if all(x == y for x, y in zip(xs, ys, strict=True)):
+        return 1.0
+    return float(wilcoxon(xs, ys, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def race(curves: dict[str, list[list[rp.Ended]]], record: rp.Record) -> list[dict]:
+    """A row per strategy: reach (median, quartiles), regret at each of FRACTIONS (mean, standard error), the
+    normalised score at each, how often the best cell is the final answer, and the Wilcoxon p against BASELINE at
+    each fraction (paired by seed; NaN where BASELINE was not raced)."""
+    scores = {name: [score(e, record) for e in runs] for name, runs in curves.items()}
+    rows = []
+    for name, s in scores.items():
+        row = {"strategy": name, "reach": quartiles([x["reach"] for x in s]),
+               "found": sum(x["found"] for x in s) / len(s), "seeds": len(s),
+               **{k: statistics.median(x[k] for x in s) for k in ("trials", "pruned", "stopped")}}
+        for f in FRACTIONS:
+            key = f"regret{f:g}"
+            row[key] = mean_se([x[key] for x in s])
+            row[f"score{f:g}"] = (normalised([x[key] for x in s], [x[key] for x in scores[REFERENCE]])
+                                  if REFERENCE in scores else math.nan)
+            row[f"p{f:g}"] = (wilcoxon_p([x[key] for x in s], [x[key] for x in scores[BASELINE]])
+                              if BASELINE in scores and name != BASELINE else math.nan)
+        rows.append(row)
+    return rows
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -112,31 +171,43 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
+def report(rows: list[dict]) -> str:
+    """The race as a Markdown table (the README's)."""
+    head = ["strategy", "within 1 pt from", *(f"regret@{f:.0%}" for f in FRACTIONS), "score@10%", "score@25%",
+            "best found", "p@10%", "p@25%", "trials", "pruned", "stopped"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lo, mid, hi = r["reach"]
+        cells = [f"`{r['strategy']}`", f"{mid:.2f} [{lo:.2f}, {hi:.2f}]",
+                 *(f"{100 * r[f'regret{f:g}'][0]:.2f} ± {100 * r[f'regret{f:g}'][1]:.2f}" for f in FRACTIONS),
+                 f"{r['score0.1']:.2f}", f"{r['score0.25']:.2f}", f"{r['found']:.0%}",
+                 *("-" if math.isnan(r[k]) else f"{r[k]:.3g}" for k in ("p0.1", "p0.25")),
+                 f"{r['trials']:.0f}", f"{r['pruned']:.0f}", f"{r['stopped']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(curves: dict[str, list[list[rp.Ended]]], record: rp.Record, path: Path) -> Path:
+    """Regret against compute: mean over seeds with a band of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = len(record.runs) * record.epochs
-    best = record.truth(record.best_cell())
-    xs = np.linspace(0.02, 1.0, 50)
+    xs = np.linspace(0.01, 1.0, 100)
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, runs in curves.items():
-        ys = np.array([[answer_at(ended, x * grid) for x in xs] for ended in runs])
-        ys = np.where(np.isnan(ys), np.nan, ys)
-        with warnings.catch_warnings():  # before a strategy's first answer every seed is NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            lo, mid, hi = (np.nanquantile(ys, q, axis=0) for q in (0.25, 0.5, 0.75))
-        (line,) = ax.plot(xs, mid, lw=1.8, label=name)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-    ax.axhline(best, color="k", lw=0.8, ls="--", label="best cell (mean over seeds)")
-    ax.axhline(best - 0.01, color="k", lw=0.8, ls=":", label="within 1 point")
+        ys = 100 * np.array([[regret_at(ended, record, x) for x in xs] for ended in runs])
+        mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else 0.0
+        (line,) = ax.plot(xs, mean, lw=1.6, label=name)
+        ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":", label="1 point")
+    ax.set_xscale("log")
     ax.set_xlabel("compute (fraction of the grid's epochs)")
-    ax.set_ylabel("answer's mean final kNN top-1")
-    ax.set_title(f"best configuration found so far: {record.name}, median and quartiles over "
+    ax.set_ylabel("regret (kNN top-1 points below the best cell)")
+    ax.set_title(f"{record.name}: regret of the answer so far, mean and standard error over "
                  f"{len(next(iter(curves.values())))} replay seeds", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -191,20 +262,10 @@ def main() -> None:
                 print(f"  {name}: done at {time.perf_counter() - tic:.0f} s", flush=True)
         pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
         pool.join()
-    print(f"\n{args.seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); "
-          f"regret in kNN points; median [quartiles]")
-    print(f"{'strategy':>30} {'to within 1 pt':>20} {'regret@25%':>18} {'regret@50%':>18} {'best found':>10} "
-          f"{'trials':>6} {'pruned':>6} {'policy':>6}")
-    for name, runs in curves.items():
-        s = [score(e, record) for e in runs]
-
-        def cell(key: str, scale: float = 1.0, fmt: str = ".2f", s: list[dict] = s) -> str:
-            lo, mid, hi = quartiles([x[key] * scale for x in s])
-            return f"{mid:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
-
-        print(f"{name:>30} {cell('reach'):>20} {cell('regret25', 100, '.1f'):>18} {cell('regret50', 100, '.1f'):>18} "
-              f"{sum(x['found'] for x in s) / len(s):10.0%} {statistics.median(x['trials'] for x in s):6.0f} "
-              f"{statistics.median(x['pruned'] for x in s):6.0f} {statistics.median(x['stopped'] for x in s):6.0f}")
+    print(f"\n{args.seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); regret in kNN points, "
+          f"mean +- standard error; score: 0 = {REFERENCE}'s regret, 1 = the best cell; p: paired Wilcoxon "
+          f"signed-rank test against {BASELINE}")
+    print(report(race(curves, record)))
     print(f"\nfigure: {plot(curves, record, Path(args.figure))}")
 
 

@@ -30,7 +30,7 @@ from ray.tune import Callback
 
 import trainers  # noqa: F401  (torchvision shim)
 from study import cluster, runner
-from study.results import ResultsWriter
+from study.results.writer import ResultsWriter
 from study.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +51,12 @@ import trainers, torch, timm; lap("import torch, timm")
 import ray.train.torch; lap("import ray.train")
 import data, ffcv; lap("import ffcv (through data/ffcv_import.py)")
 from trainers.config import TrainConfig
-from trainers.trainer import Trainer, ffcv_loaders
+from trainers.build import build_trainer
+from trainers.trainer import ffcv_loaders
 cfg = TrainConfig(**{**TRAIN, "train_path": DATA + "/fashion_mnist_train.beton",
                      "test_path": DATA + "/fashion_mnist_test.beton"})
 loaders = ffcv_loaders(cfg, torch.device("cpu")); lap("build the loaders")
-trainer = Trainer(cfg, "cpu", loaders=loaders); lap("build the model")
+trainer = build_trainer(cfg, "cpu", loaders=loaders); lap("build the model")
 next(iter(loaders.train)); lap("first two-view batch (numba compile)")
 next(iter(loaders.bank)); next(iter(loaders.test)); lap("first kNN batches (numba compile)")
 """

@@ -49,6 +49,20 @@ def is_remote(where: str | Path) -> bool:
     return scheme(where) in OBJECT_SCHEMES
 
 
+def is_shared(path: str) -> bool:
+    """Whether every node can reach ``path``: object storage (s3://, gs://) or a path on a network file system."""
+    if is_remote(path):
+        return True
+    path = os.path.realpath(str(location(path)))
+    best, fstype = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, point, kind, *_ = line.split()
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+                best, fstype = point, kind
+    return fstype.startswith(("nfs", "cifs", "smb", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse."))
+
+
 def uri_problem(where: str) -> str | None:
     """Why ``where`` is not a usable location (one line, naming what is accepted), or None. No connection."""
     kind = scheme(where)

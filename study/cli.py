@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 from data import store
 from data.errors import DatasetError
-from study import DEFAULT_STUDY
+from study import DEFAULT_STUDY, results
 from study.best import best_trial
+from study.console import format_table
 from study.errors import QueryError, SpecError
+from study.results.schema import SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from study.spec import StudySpec
@@ -62,8 +64,6 @@ def _at_least(least: int):
     return integer
 
 
-SUMMARY = ["trial_id", "status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss", "verdict",
-           "time_total_s"]
 
 
 def describe(spec: StudySpec, address: str | None) -> str:
@@ -117,10 +117,8 @@ def describe(spec: StudySpec, address: str | None) -> str:
 
 
 def print_summary(spec: StudySpec, trials) -> None:
-    from study import results
-
-    columns = SUMMARY[:2] + [p.name for p in spec.params] + SUMMARY[2:]
-    print(f"\n{results.format_table(trials, columns)}\n")
+    columns = ["trial_id", SUMMARY_COLUMNS[0], *(p.name for p in spec.params), *SUMMARY_COLUMNS[1:]]
+    print(f"\n{format_table(trials, columns)}\n")
     print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events)")
     print(f"Optuna storage:  {spec.optuna_url}")
 
@@ -134,10 +132,11 @@ def launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         if not args.address:  # a real launch checks in cluster.connect, before Ray starts
             cluster.check_fits(spec, cluster.local_nodes(), "this machine")
-        from study.optuna_storage import check_storage, settle_default
+        from study.optuna_storage import check_storage
+        from study.spec import with_default_storage
 
         runner.check_locations(spec)  # as runner.run_study does, before Ray starts: buckets writable,
-        settle_default(spec)  # the Optuna storage it would use, reachable
+        spec = with_default_storage(spec)  # the Optuna storage it would use, reachable
         check_storage(spec)
         print(describe(spec, args.address))
         return 0
@@ -168,8 +167,6 @@ def _open(args: argparse.Namespace) -> StudySpec:
 
 
 def _trials(spec: StudySpec):
-    from study import results
-
     try:
         return results.open(spec.study_dir).table("trials")
     except FileNotFoundError:
@@ -220,7 +217,7 @@ def best(args: argparse.Namespace) -> int:
         "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
         "config": spec.train_config({k: v for k, v in params.items()
                                      if v is not None and k in TrainConfig.field_names()}).as_dict(),
-        "metrics": {k: row[k] for k in ("epochs_done", "knn_top1", "knn_top1_best", "knn_top1_init", "loss")},
+        "metrics": {k: row[k] for k in SUMMARY_COLUMNS if k not in ("status", "verdict", "time_total_s")},
         "checkpoint": row["checkpoint"],
         "backbone": str(export) if export and export.exists() else None,
     }, indent=2, default=str))
@@ -231,7 +228,6 @@ def results_cmd(args: argparse.Namespace) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from study import results
     from study.query import parse_where
 
     root = store.location(args.name)
@@ -254,7 +250,7 @@ def results_cmd(args: argparse.Namespace) -> int:
         descending = args.desc or args.sort.startswith("-")
         table = table.sort_by([(args.sort.lstrip("-"), "descending" if descending else "ascending")])
     if args.format == "table":
-        print(results.format_table(table))
+        print(format_table(table))
     elif args.format == "csv":
         pacsv.write_csv(table, sys.stdout.buffer)
     elif args.format == "json":

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import ray
 
-from data.store import is_remote, location
-from study.progress import console, say
+from data.store import is_shared
+from study.console import console, say
 from study.spec import SpecError, StudySpec
 
 # Idle OpenMP threads of torch otherwise spin and starve FFCV's numba threads on small CPU workers. A trial's
@@ -72,20 +72,6 @@ def concurrency(spec: StudySpec, nodes: list[dict[str, float]]) -> int:
     return max(1, min(spec.search.num_samples, math.floor(min(fits) + 1e-9)))
 
 
-def is_shared(path: str) -> bool:
-    """Whether every node can reach ``path``: object storage (s3://, gs://) or a path on a network file system."""
-    if is_remote(path):
-        return True
-    path = os.path.realpath(str(location(path)))
-    best, fstype = "", ""
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            _, point, kind, *_ = line.split()
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-                best, fstype = point, kind
-    return fstype.startswith(("nfs", "cifs", "smb", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "fuse."))
-
-
 def one_machine(nodes: list[dict]) -> bool:
     """Whether Ray's ``nodes`` (``ray.nodes()``, alive ones) are all on this machine: several raylets of one host
     share its disk, so a local path is shared storage for them."""
@@ -127,7 +113,7 @@ def ray_logs_dir() -> str:
 def ray_session(log: Path | None, address: str | None = None, **start) -> Iterator[None]:
     """Start or join Ray (:func:`start_ray`) for the block and shut down at its end the Ray it started. With
     ``log``, Ray's, Tune's and the workers' output goes to that file instead of the terminal
-    (:func:`study.progress.console`), and the terminal is told once where it and Ray's session logs are."""
+    (:func:`study.console.console`), and the terminal is told once where it and Ray's session logs are."""
     with console(log):
         started = start_ray(address, **start)
         try:

@@ -29,14 +29,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from study.errors import SpecError
 
 if TYPE_CHECKING:
     import optuna
 
-    from study.spec import StudySpec
+
+class Study(Protocol):
+    """What this module needs of a study (a :class:`study.spec.StudySpec`): its storage URL and its file."""
+
+    optuna_url: str
+    source: str
 
 RDB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
 JOURNAL = "journal"  # search.storage shorthand: the journal file in the study directory
@@ -89,7 +94,7 @@ def driver_url(url: str) -> str:
     return "postgresql+psycopg2://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
-def _url_where(target: StudySpec | str) -> tuple[str, str]:
+def _url_where(target: Study | str) -> tuple[str, str]:
     """The storage URL of ``target`` (a study or a URL) and the key to name in errors."""
     if isinstance(target, str):
         if target == JOURNAL:  # the shorthand means a study directory's file: only a study knows which
@@ -169,7 +174,7 @@ def _check_server(where: str, url: str) -> None:
         engine.dispose()
 
 
-def check_storage(target: StudySpec | str) -> None:
+def check_storage(target: Study | str) -> None:
     """Refuse, in one :class:`SpecError` line naming ``search.storage``, a storage that cannot be used: a bad URL,
     a password in it, a database server that cannot be reached or refuses the login, or a file that cannot be
     created. Connects once to a server; creates nothing."""
@@ -183,7 +188,7 @@ def check_storage(target: StudySpec | str) -> None:
         _check_server(where, url)
 
 
-def open_storage(target: StudySpec | str) -> optuna.storages.BaseStorage:
+def open_storage(target: Study | str) -> optuna.storages.BaseStorage:
     """The Optuna storage of a study (its ``search.storage``, or the default) or of a storage URL. Creates the
     file's directory for a journal or SQLite file; a server that cannot be reached is a :class:`SpecError`."""
     url, where = _url_where(target)
@@ -208,15 +213,3 @@ def open_storage(target: StudySpec | str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(driver_url(url), **kwargs)
     except (ImportError, SQLAlchemyError) as e:
         raise _connect_error(where, url, e) from None
-
-
-def settle_default(spec: StudySpec) -> None:
-    """Choose the storage of a new study that names none: SQLite in the study directory on a local disk, the
-    journal file there when the directory is on a network file system (SQLite's locks are unreliable on NFS).
-    The choice is written to ``spec.search.storage`` (and so into the saved study.yaml): a study keeps the
-    storage it started with, wherever its directory is later found. Call it for a new study only."""
-    if spec.search.storage is None and not spec.remote:  # a study in object storage: SQLite on the local disk
-        from study.cluster import is_shared
-
-        if is_shared(str(spec.study_dir)):
-            spec.search.storage = JOURNAL

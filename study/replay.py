@@ -31,10 +31,12 @@ from pathlib import Path
 import yaml
 
 from study.best import finite
+from study.results import files
 from study.spec import SpecError, StudySpec, _build
 from study.status import trial_status
 from trainers.detectors import Detectors
-from trainers.policy import DETECTOR_FIELDS, StopPolicy, history_entry, verdict
+from trainers.policy import DETECTOR_FIELDS, StopPolicy, history_entry, verdict, verdict_report
+from trainers.records import halted
 
 RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
 DEFAULT_RECORD = "mocov3-fmnist-grid"
@@ -150,12 +152,11 @@ def load_record(name: str = DEFAULT_RECORD, storage: str = "runs", whole_grid: b
                 if not isinstance(dist, dict) or "choice" not in dist:
                     raise SpecError(f"{name}: search.space.{key}: a record needs choice lists (a grid); got {dist!r}")
                 axes[key] = sorted(set(axes.get(key, [])) | set(dist["choice"]))
-    from study import results  # the tables of a study killed mid-way too (epochs and events parts)
 
-    trials = results.read_folder(tables, "trials").to_pylist()
-    epochs = results.read_folder(tables, "epochs").to_pylist()
+    trials = files.read(tables, "trials").to_pylist()
+    epochs = files.read(tables, "epochs").to_pylist()
     try:
-        events = results.read_folder(tables, "events").to_pylist()
+        events = files.read(tables, "events").to_pylist()
     except FileNotFoundError:
         events = []
     by_trial: dict[tuple, list[dict]] = {}
@@ -273,27 +274,36 @@ def first_verdict(rows: Sequence[dict], policy: StopPolicy, feature_dim: int) ->
     return None
 
 
-def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int) -> None:
+def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int, pauses: bool = False) -> None:
     """Tune function trainable: report one recorded run of the suggested cell, epoch by epoch, as the trainer
-    reported it, and stop where ``policy`` (enforce) would have stopped the real run."""
+    reported it, and stop where ``policy`` (enforce) would have stopped the real run. ``pauses``: a scheduler may
+    pause it (Hyperband): every epoch comes with a checkpoint (the epochs played), as the real trainer's does, and a
+    resumed trial goes on after it."""
     from ray import tune
 
     run = record.pick(record.cell(config), seed)
-    history = []
-    for row in run.epochs:
+    done = 0
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            done = int((Path(folder) / "epochs").read_text())
+    history = [summary(row, policy, record.feature_dim) for row in run.epochs[:done]]
+    for row in run.epochs[done:]:
         history.append(summary(row, policy, record.feature_dim))
         judged = verdict(history, policy)
-        stop = judged is not None and policy.mode == "enforce"
-        metrics = {k: v for k, v in row.items() if k not in ("study", "trial_id", "verdict", "verdict_reason",
-                                                              "stopped")}
-        if stop and judged[0] == "diverged":  # the trainer does not evaluate a diverged model
-            metrics.update(knn_top1=math.nan, knn_top1_k200=math.nan, rankme=math.nan)
+        metrics = {**row, **verdict_report(judged, policy)}
+        if metrics["stopped"] and judged[0] == "diverged":  # as the Trainer reports a run that halted
+            metrics = halted(metrics)
         metrics.update(events=[{k: e[k] for k in ("step", "epoch", "kind", "layer", "magnitude")}
                                for e in run.events.get(row["epoch"], [])],
-                       verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
-                       stopped=int(stop), replayed_trial=run.trial_id, replayed_seed=run.seed)
-        tune.report(metrics)
-        if stop:
+                       replayed_trial=run.trial_id, replayed_seed=run.seed)
+        metrics.pop("study", None), metrics.pop("trial_id", None)  # the report is of the replaying trial
+        if pauses:
+            with tempfile.TemporaryDirectory(prefix="replay-") as folder:
+                (Path(folder) / "epochs").write_text(str(row["epoch"]))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+        if metrics["stopped"]:
             return
 
 
@@ -312,6 +322,7 @@ class Strategy:
     metric: str = "knn_top1"
     constraints: bool = False
     startup_trials: int = 10
+    startup: str = "random"  # how TPE's first trials are drawn: random, or a Sobol design
     rerun_duplicates: bool = False
     grace_period: int = 1
     reduction_factor: int = 2
@@ -327,7 +338,8 @@ def replay_spec(record: Record, strategy: Strategy, trials: int, seed: int, root
         resources=Resources(workers=1, cpus_per_worker=0.01, driver_cpus=0.01, check=False),
         search=Search(space=record.space(), num_samples=trials, max_concurrent=1, metric=strategy.metric,
                       mode="max", sampler=strategy.sampler, seed=seed, constraints=strategy.constraints,
-                      startup_trials=strategy.startup_trials, rerun_duplicates=strategy.rerun_duplicates),
+                      startup_trials=strategy.startup_trials, startup=strategy.startup,
+                      rerun_duplicates=strategy.rerun_duplicates),
         scheduler=Scheduler(type=strategy.scheduler, grace_period=strategy.grace_period,
                             reduction_factor=strategy.reduction_factor),
         stopping=replay_policy(record, strategy.stopping, strategy.policy), source=f"replay {strategy.name}")
@@ -444,7 +456,8 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
 
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from study import results, runner
+    from study import runner
+    from study.results.writer import ResultsWriter
 
     grid = len(record.runs) * record.epochs
     budget = budget or grid
@@ -452,13 +465,14 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
     with tempfile.TemporaryDirectory(prefix="ssl-study-replay-") as root:
         spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
-            spec.name = Path(out).name
+            spec = replace(spec, name=Path(out).name)
         played = record.with_detectors(spec.stopping)
-        run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed)
+        run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed,
+                                          pauses=strategy.scheduler == "hyperband")
         run = runner.tune.with_resources(run, {"CPU": 0.01})
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())
-        callbacks = [ledger, *([results.ResultsWriter(spec)] if out else [])]
+        callbacks = [ledger, *([ResultsWriter(spec)] if out else [])]
         with _replay_environment():
             runner.build_tuner(spec, run=run, search=search, callbacks=callbacks, stop=ledger,
                                reuse_actors=True).fit()

@@ -6,17 +6,20 @@ for each ``extend``), ``train/<trial_id>/`` (each trial's Train run and checkpoi
 restarted trial finds its own checkpoint), ``optuna.db`` (the Optuna study, readable by optuna-dashboard;
 ``optuna.journal`` for a study on NFS, or the database that ``search.storage`` names: study/optuna_storage.py;
 in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log) and
-``results/*.parquet`` (study/results.py).
+``results/*.parquet`` (study/results/).
 """
 
 from __future__ import annotations
 
+import math
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import optuna
 import pyarrow as pa
+import ray
 import yaml
 from ray import tune
 from ray.exceptions import RayActorError, RayTaskError
@@ -29,7 +32,7 @@ from ray.train.v2._internal.exceptions import (
 )
 from ray.train.v2.api.exceptions import ControllerError, PreemptionError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
 
 from data import store
 from data.datasets import prepare
@@ -38,10 +41,11 @@ from search_spaces import define_by_run
 from study import results
 from study.cluster import connect, ray_logs_dir
 from study.mirror import Mirror, pull
-from study.optuna_storage import check_storage, open_storage, settle_default
+from study.optuna_storage import check_storage, open_storage
 from study.progress import ProgressLine
+from study.results.writer import ResultsWriter
 from study.search import StudySearch, close_orphans, sampler
-from study.spec import SpecError, StudySpec, load_spec, snapshot
+from study.spec import SpecError, StudySpec, load_spec, snapshot, with_default_storage
 from trainers.config import TrainConfig
 from trainers.worker import train_loop_per_worker
 
@@ -96,6 +100,13 @@ def _died(error: BaseException) -> bool:
     return isinstance(error, RayActorError)
 
 
+def stopped_by_tune() -> bool:
+    """Whether Tune is stopping this trial (Hyperband pausing it at a rung, a scheduler or the study ending it):
+    Tune removes the trial's placement group, which kills its Train controller, so ``fit`` raises here."""
+    group = ray.util.get_current_placement_group()
+    return group is not None and ray.util.placement_group_table(group).get("state") == "REMOVED"
+
+
 def failed_marker(logs_dir: str, trial_id: str) -> Path | ObjectPath:
     """Where a trial that raised says so: a retry of its driver (on any node) then fails at once instead of
     training into the same exception again (``resume`` removes the markers: it retries failed trials on purpose)."""
@@ -146,6 +157,8 @@ def run_trial(config: dict, *, spec: StudySpec, data_paths: dict[str, str], trai
             trainer().fit()
             return
         except Exception as e:
+            if stopped_by_tune():  # a pause (Hyperband) or a stop: not a failure; a resumed trial restores
+                raise
             lost = lost_process(e)
             if lost and attempt < resources.retries:
                 store.append_text(log, f"trial {trial_id}: a process was lost ({type(e).__name__}); restart "
@@ -189,7 +202,21 @@ def build_scheduler(spec: StudySpec):
         return ASHAScheduler(time_attr="epoch", max_t=spec.train_config().epochs,
                              grace_period=spec.scheduler.grace_period,
                              reduction_factor=spec.scheduler.reduction_factor)
+    if spec.scheduler.type == "hyperband":
+        # Hyperband (Li et al. 2018): brackets of ever fewer, longer trials. Tune's HyperBandScheduler halves a
+        # bracket once the trials *added so far* reach a rung, so with trials suggested one at a time (a searcher,
+        # a concurrency limit) it never halves; its BOHB variant pauses a trial at a rung until the bracket is full
+        # (the trial resumes from that epoch's checkpoint). The survivors of a bracket's last rung train to the
+        # end (rungs are max_t / eta^k rounded down: 1, 3, 9 of 10 epochs at eta 3). grace_period does not apply.
+        return HyperBandForBOHB(time_attr="epoch", max_t=spec.train_config().epochs,
+                                reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
     return FIFOScheduler()
+
+
+def largest_bracket(max_t: int, eta: int) -> int:
+    """Trials in Hyperband's most aggressive bracket, as Tune's HyperBandScheduler sizes it: ceil(eta^(s_max))
+    with s_max = round(log_eta max_t) (9 at 10 epochs and eta 3)."""
+    return math.ceil(eta ** round(math.log(max_t) / math.log(eta)))
 
 
 def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, experiment: str = "tune",
@@ -198,17 +225,22 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
     """The study's Tune experiment: its searcher, scheduler and trainable (default: the real trainer; a replay
     passes its own ``run``, ``search`` on an in-memory Optuna storage, ``callbacks`` and a budget ``stop``)."""
     max_concurrent = max_concurrent or spec.search.max_concurrent or 1
+    scheduler = build_scheduler(spec)
+    if spec.scheduler.type == "hyperband":  # a bracket halves once full: its trials must be out at once
+        # (paused ones give their resources back; the others wait for them as pending trials)
+        max_concurrent = max(max_concurrent, largest_bracket(spec.train_config().epochs,
+                                                             spec.scheduler.reduction_factor))
     return tune.Tuner(
         run or trainable(spec, data_paths),
         tune_config=tune.TuneConfig(metric=spec.search.metric, mode=spec.search.mode,
-                                    search_alg=search or build_search(spec), scheduler=build_scheduler(spec),
+                                    search_alg=search or build_search(spec), scheduler=scheduler,
                                     num_samples=spec.search.num_samples,
                                     max_concurrent_trials=max_concurrent,
                                     reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.retries),
                                   callbacks=callbacks if callbacks is not None else
-                                  [results.ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
+                                  [ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
     )
 
 
@@ -248,13 +280,13 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
         raise SpecError(f"{spec.source}: name: study {spec.name!r} already exists in {spec.study_dir}; "
                         f"`ssl-study resume {spec.name}` continues it, `ssl-study extend {spec.name} --trials N` "
                         f"adds trials, or choose another name")
-    settle_default(spec)  # journal instead of SQLite for a study directory on NFS
+    spec = with_default_storage(spec)  # journal instead of SQLite for a study directory on NFS
     check_storage(spec)  # an unreachable database is one line here, before Ray starts
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         save_spec(spec)
         build_tuner(spec, data_paths, max_concurrent=max_concurrent).fit()
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()
 
 
 def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = True) -> pa.Table:
@@ -272,7 +304,7 @@ def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = Tr
         tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                            resume_errored=True).fit()
     close_orphans(spec, spec.name)
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()
 
 
 def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbose: bool = True) -> pa.Table:
@@ -281,13 +313,13 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
         raise SpecError(f"--trials: must be >= 1, got {trials}")
     check_locations(spec)
     found = experiments(spec.study_dir)
-    spec.search.num_samples = trials
     # A sampler seeded as the first one would replay its first random draws (TPE samples at random for its
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
     pull(spec)
     check_storage(spec)
-    spec.search.seed += len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
+    had = len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
+    spec = replace(spec, search=replace(spec.search, num_samples=trials, seed=spec.search.seed + had))
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()
-    return results.read(spec.study_dir)
+    return results.open(spec.study_dir).table()

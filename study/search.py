@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import suppress
 
 import optuna
@@ -36,8 +37,66 @@ def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     # Optuna 5's defaults change with releases: say every setting that matters. group: conditional spaces are
     # modelled per branch (the joint model of multivariate TPE needs the same parameters in every trial).
     group = any(p.when for p in spec.params)
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group,
-                                      n_startup_trials=s.startup_trials)
+    tpe = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, group=group,
+                                     n_startup_trials=s.startup_trials)
+    return SobolStart(tpe, s.startup_trials, s.seed) if s.startup == "sobol" else tpe
+
+
+class SobolStart(optuna.samplers.BaseSampler):
+    """``tpe`` whose first ``startup`` trials are the points of a scrambled Sobol sequence (seeded), not random
+    draws: a few random draws can cluster (the bundled study's TPE start drew base lr 1.05e-3, 1.06e-3, 1.20e-3
+    and 1.56e-3 from a decade), a Sobol design spreads them over every axis and every pair of axes.
+
+    Point ``i`` of the design is trial ``i``; its coordinate ``d`` is the ``d``-th parameter the space suggests.
+    A range maps it linearly (a log range in log space, an int range to its steps), a choice list to index
+    ``floor(u * n)``: unlike Optuna's QMCSampler, which leaves choice lists (every axis of a recorded grid) to
+    random draws. A parameter beyond :attr:`DIMS`, or a trial after the design, is ``tpe``'s.
+    """
+
+    DIMS = 32
+
+    def __init__(self, tpe: optuna.samplers.TPESampler, startup: int, seed: int) -> None:
+        from scipy.stats import qmc
+
+        self.tpe, self.startup = tpe, startup
+        m = max(1, (startup - 1).bit_length())  # 2**m points: a Sobol design is balanced at powers of two
+        self.points = qmc.Sobol(self.DIMS, scramble=True, seed=seed).random_base2(m)
+        self.dims: dict[str, int] = {}  # parameter -> coordinate, in the order the space suggests them
+
+    def infer_relative_search_space(self, study, trial):
+        return {} if trial.number < self.startup else self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {} if trial.number < self.startup else self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        dim = self.dims.setdefault(name, len(self.dims))
+        if trial.number >= self.startup or dim >= self.DIMS:
+            return self.tpe.sample_independent(study, trial, name, distribution)
+        return _from_unit(float(self.points[trial.number, dim]), distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.tpe.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.tpe.reseed_rng()
+
+
+def _from_unit(u: float, d: optuna.distributions.BaseDistribution):
+    """The value of distribution ``d`` at quantile ``u`` in [0, 1) of its (log-)uniform measure."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return d.choices[min(int(u * len(d.choices)), len(d.choices) - 1)]
+    if isinstance(d, optuna.distributions.IntDistribution):
+        if d.log:
+            return min(d.high, int(math.exp(math.log(d.low) + u * (math.log(d.high + 1) - math.log(d.low)))))
+        return d.low + d.step * min(int(u * ((d.high - d.low) // d.step + 1)), (d.high - d.low) // d.step)
+    if d.log:
+        return math.exp(math.log(d.low) + u * (math.log(d.high) - math.log(d.low)))
+    value = d.low + u * (d.high - d.low)
+    return d.low + round((value - d.low) / d.step) * d.step if d.step else value
 
 
 MAX_REASKS = 50  # asks per Tune trial before a duplicate configuration is run after all (an exhausted space)
@@ -123,6 +182,12 @@ class StudySearch(OptunaSearch):
         if finite(result.get(self.metric)):
             with suppress(UpdateFinishedTrialError):  # a resumed study may restart a trial Optuna saw end
                 super().on_trial_result(trial_id, result)
+
+    def on_pause(self, trial_id: str) -> None:
+        """Hyperband paused the trial until its bracket is full (runner.build_scheduler): it goes on later."""
+
+    def on_unpause(self, trial_id: str) -> None:
+        """Hyperband resumed the trial."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:

@@ -16,20 +16,22 @@ from typing import Any
 
 import yaml
 
-from data.store import ObjectPath, is_remote, location, on_this_machine, uri_problem
+from data.store import ObjectPath, is_remote, is_shared, location, on_this_machine, uri_problem
 from search_spaces import Param, SpaceError, flatten, parse_space
 from search_spaces.presets import PRESETS, apply_preset
 from study import DEFAULT_STUDY
 from study.errors import SpecError
+from study.optuna_storage import JOURNAL, url_problem
 from trainers.config import TrainConfig, recipe_defaults
 from trainers.policy import StopPolicy
 
 METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.py)
 SAMPLERS = ("tpe", "random", "grid")
-SCHEDULERS = ("asha", "fifo")
+STARTUPS = ("random", "sobol")
+SCHEDULERS = ("asha", "hyperband", "fifo")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resources:
     workers: int = 2  # Ray Train workers per trial (one DDP process each)
     cpus_per_worker: float = 0.45
@@ -46,7 +48,7 @@ class Resources:
                 "GPU": self.workers * self.gpus_per_worker}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Search:
     space: dict = field(default_factory=dict)
     num_samples: int = 4
@@ -62,18 +64,21 @@ class Search:
     # Trials the instability policy stopped or flagged (unstable, diverged, collapsed) become constraint
     # violations the sampler models (TPE's feasibility split), instead of only PRUNED trials ranked low.
     constraints: bool = False
-    startup_trials: int = 10  # TPE samples at random for its first trials (Optuna's default 10)
+    startup_trials: int = 10  # TPE's first trials, before it models (Optuna's default 10)
+    # How TPE's first trials are drawn: "random" (Optuna's), or "sobol", a scrambled Sobol design that spreads
+    # them over every axis (study/search.py SobolStart)
+    startup: str = "random"
     rerun_duplicates: bool = False  # False: a configuration that already ran is told its outcome, not run again
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scheduler:
     type: str = "asha"
     grace_period: int = 1  # epochs
     reduction_factor: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     name: str = "study"
     preset: str | None = None  # a paper study from search_spaces/presets.py; this file's keys override it
@@ -195,7 +200,9 @@ def _check_positive(value: float, where: str) -> None:
 
 
 def validate(spec: StudySpec) -> StudySpec:
-    """Check values against each other and against what exists; returns ``spec``."""
+    """Check values against each other and against what exists; returns the final spec (its ``train`` values in
+    their declared types). Nothing changes a spec afterwards: the dataclasses are frozen, and a variant of a study
+    (its default storage settled, more trials) is a new spec (``dataclasses.replace``)."""
     from trainers.config import PRECISIONS
     from trainers.registry import BACKBONES, METHODS, MLP_NORMS, OPTIMIZERS, POS_EMBEDS
 
@@ -212,13 +219,14 @@ def validate(spec: StudySpec) -> StudySpec:
         check(spec.dataset, on_this_machine(location(spec.data_dir), kind="data"))
     except DatasetError as e:
         raise SpecError(f"{src}: dataset: {e}") from None
-    train = spec.train
-    for key, value in train.items():
+    train = {}
+    for key, value in spec.train.items():
         if key == "stopping":
             raise SpecError(f"{src}: train.stopping: the stopping policy is a top-level section, 'stopping:'")
         if key not in TrainConfig.field_names():
             raise _unknown(key, TrainConfig.field_names(), f"{src}: train")
         train[key] = _check_type(value, typing.get_type_hints(TrainConfig)[key], f"{src}: train.{key}")
+    spec = dataclasses.replace(spec, train=train)
     choices = {"method": METHODS, "backbone": BACKBONES, "optimizer": OPTIMIZERS, "precision": PRECISIONS,
                "pos_embed": POS_EMBEDS, "mlp_norm": MLP_NORMS}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -249,11 +257,10 @@ def validate(spec: StudySpec) -> StudySpec:
     _one_of(s.metric, METRICS, f"{src}: search.metric")
     _one_of(s.mode, ("max", "min"), f"{src}: search.mode")
     _one_of(s.sampler, SAMPLERS, f"{src}: search.sampler")
-    if s.storage is not None:  # the URL only; whether its database answers is checked at launch (check_storage)
-        from study.optuna_storage import url_problem
-
-        if why := url_problem(s.storage):
-            raise SpecError(f"{src}: search.storage: {why}")
+    _one_of(s.startup, STARTUPS, f"{src}: search.startup")
+    # the URL only; whether its database answers is checked at launch (check_storage)
+    if s.storage is not None and (why := url_problem(s.storage)):
+        raise SpecError(f"{src}: search.storage: {why}")
     _check_positive(s.num_samples, f"{src}: search.num_samples")
     _check_positive(s.startup_trials, f"{src}: search.startup_trials")
     if s.max_concurrent is not None:
@@ -280,6 +287,9 @@ def validate(spec: StudySpec) -> StudySpec:
                                 f"use {{choice: [...]}} or sampler tpe/random")
     _one_of(spec.scheduler.type, SCHEDULERS, f"{src}: scheduler.type")
     _check_positive(spec.scheduler.grace_period, f"{src}: scheduler.grace_period")
+    if spec.scheduler.reduction_factor < 2:
+        raise SpecError(f"{src}: scheduler.reduction_factor: must be >= 2 (a rung keeps 1 / reduction_factor of its "
+                        f"trials), got {spec.scheduler.reduction_factor}")
     if not spec.name or "/" in spec.name:
         raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
     return spec
@@ -327,6 +337,15 @@ def load_spec(path: str | Path | ObjectPath | None = None) -> StudySpec:
         if data["preset"] not in PRESETS:
             raise SpecError(f"{path}: preset: {data['preset']!r} is not one of: {', '.join(PRESETS)}")
         data = apply_preset(data)
-    spec = _build(StudySpec, data, f"{path}:")
-    spec.source = str(path)
-    return validate(spec)
+    return validate(dataclasses.replace(_build(StudySpec, data, f"{path}:"), source=str(path)))
+
+
+def with_default_storage(spec: StudySpec) -> StudySpec:
+    """A new study that names no Optuna storage, with the one it gets: SQLite in the study directory on a local
+    disk, the journal file there when the directory is on a network file system (SQLite's locks are unreliable on
+    NFS). Saved into its study.yaml, so that a study keeps the storage it started with wherever its directory is
+    later found: call it for a new study only."""
+    if spec.search.storage is None and not spec.remote and is_shared(str(spec.study_dir)):
+        # (a study in object storage keeps SQLite on the local disk, mirrored: study/mirror.py)
+        return dataclasses.replace(spec, search=dataclasses.replace(spec.search, storage=JOURNAL))
+    return spec

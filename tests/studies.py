@@ -25,7 +25,7 @@ def write_study(root: Path, study: dict, data_dir: Path | None = None) -> StudyS
 def rows(spec: StudySpec, table: str) -> list[dict]:
     """The study's ``table`` (trials, epochs, events) as it stands, parts included: [] before its first write."""
     try:
-        return results.read_table(spec.study_dir, table).to_pylist()
+        return results.open(spec.study_dir).table(table).to_pylist()
     except FileNotFoundError:
         return []
 

@@ -174,7 +174,7 @@ def tiny_byol(seed: int = 0) -> BYOL:
 
 def byol_pairs(model: BYOL) -> list[tuple[torch.Tensor, torch.Tensor]]:
     online = [*model.backbone.parameters(), *model.projector.parameters()]
-    target = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
     assert len(online) == len(target)
     return list(zip(online, target, strict=True))
 
@@ -182,8 +182,8 @@ def byol_pairs(model: BYOL) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _byol_loss_with_target_as_is(model: BYOL, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     p1 = model.predictor(model.projector(model.backbone(x1)))
     p2 = model.predictor(model.projector(model.backbone(x2)))
-    z1 = model.target_projector(model.target_backbone(x1))
-    z2 = model.target_projector(model.target_backbone(x2))
+    z1 = model.momentum_projector(model.momentum_backbone(x1))
+    z2 = model.momentum_projector(model.momentum_backbone(x2))
     return model.criterion(p1, z2) + model.criterion(p2, z1)
 
 
@@ -212,7 +212,7 @@ def test_byol_forward_backward():
                     *model.predictor.named_parameters()]:
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert all(p.grad is None for p in [*model.target_backbone.parameters(), *model.target_projector.parameters()])
+    assert all(p.grad is None for p in [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()])
     assert x1.grad.abs().sum() > 0 and x2.grad.abs().sum() > 0  # both online branches (p1 and p2) are trained
 
 

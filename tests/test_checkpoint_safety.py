@@ -16,6 +16,7 @@ import torch
 from test_trainer import TINY
 
 from data.convert import convert_fashion_mnist
+from trainers.build import build_trainer
 from trainers.config import TrainConfig
 from trainers.trainer import STATE_FILE, Callback, CheckpointError, Loaders, Trainer, rng_state, set_rng_state
 
@@ -77,7 +78,7 @@ def cfg(tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved(cfg, tmp_path_factory):
     """A Trainer after its first epoch and the directory of its checkpoint."""
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.callbacks.append(NumpyValues())
     next(trainer.epochs())
     directory = tmp_path_factory.mktemp("checkpoint")
@@ -103,7 +104,7 @@ def test_a_real_checkpoint_is_tensors_and_plain_values_and_restores_exactly(cfg,
     assert type(state["metrics"]["numpy_metric"]) is float and state["metrics"]["numpy_metric"] == 0.25
     assert type(state["verdict"]["history"][0]["knn_top1"]) is float
 
-    restored = Trainer(cfg)
+    restored = build_trainer(cfg)
     restored.callbacks.append(NumpyValues())
     restored.load(directory)
     # Weights, optimiser, RNG (all three generators), callbacks and metrics: what was saved, bit for bit.

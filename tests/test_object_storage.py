@@ -27,7 +27,8 @@ from data.store import ObjectPath, location
 from study import cluster, results
 from study.cli import main
 from study.optuna_storage import open_storage
-from study.results import read_folder, write_atomic
+from study.results.files import read as read_folder
+from study.results.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = optuna.trial.TrialState
@@ -127,7 +128,7 @@ STUDY = {
 
 def _rows(uri: str, table: str = "trials") -> list[dict]:
     try:
-        return results.read_table(uri, table).to_pylist()
+        return results.open(uri).table(table).to_pylist()
     except FileNotFoundError:
         return []
 

@@ -24,10 +24,10 @@ from studies import write_study
 from study import cluster
 from study.cli import main
 from study.errors import SpecError
-from study.optuna_storage import check_storage, driver_url, open_storage, settle_default
+from study.optuna_storage import check_storage, driver_url, open_storage
 from study.report.importance import param_importance
 from study.search import close_orphans
-from study.spec import DEFAULT_STUDY, load_spec
+from study.spec import DEFAULT_STUDY, load_spec, with_default_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE = optuna.trial.TrialState
@@ -205,7 +205,7 @@ def test_journal_shorthand_and_the_default(tmp_path):
     study.optimize(lambda t: t.suggest_float("base_lr", 1e-4, 1e-3, log=True), n_trials=3)
     assert journal.is_file() and "3 COMPLETE" in param_importance(spec, spec.study_dir)[1]  # the report reads it
     spec = load_spec(study_file(tmp_path))
-    settle_default(spec)  # a study directory on a local disk keeps SQLite
+    spec = with_default_storage(spec)  # a study directory on a local disk keeps SQLite
     assert spec.search.storage is None and spec.optuna_url == f"sqlite:///{spec.study_dir / 'optuna.db'}"
 
 

@@ -31,6 +31,7 @@ def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path)
     folder.mkdir()
     (folder / "grid.yaml").write_text(yaml.safe_dump(GRID))
     storage = tmp_path / "runs"
+    (storage / "tiny-record-0000" / "tune").mkdir(parents=True)  # what a stopped sitting leaves of a run
     first = record_runs.record(folder, limit=1, storage=storage)
     assert first == [record_runs.run_key({"base_lr": 1.0e-4, "seed": 0})]  # seed-major, in grid order
     second = record_runs.record(folder, storage=storage)  # a later sitting: only the missing run
@@ -62,3 +63,14 @@ def test_extra_seeds_add_runs_to_named_cells_after_the_grid_and_a_foreign_cell_i
         assert "extra_seeds.cells" in str(e) and "base_lr" in str(e)
     else:
         raise AssertionError("a cell outside the grid was accepted")
+
+
+def test_rows_of_a_new_schema_append_to_a_record_of_an_older_one(tmp_path):
+    import pyarrow as pa
+
+    old = pa.table({"study": ["r-0000"], "trial_id": ["a"], "knn_dips": [1.0]})  # schema 2's name
+    pq.write_table(old, tmp_path / "trials.parquet")
+    record_runs.append(tmp_path, {"trials": pa.table({"study": ["r-0001"], "trial_id": ["b"], "knn_dip_count": [2.0]})})
+    table = pq.read_table(tmp_path / "trials.parquet")
+    assert table.column_names == ["study", "trial_id", "knn_dip_count"]
+    assert table.column("knn_dip_count").to_pylist() == [1.0, 2.0]

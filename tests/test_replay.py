@@ -19,11 +19,12 @@ import pytest
 import ray
 import yaml
 
-from study import cluster, replay, results
+from study import cluster, replay
 from study.cli import main
 from study.replay import RECOMPUTED, Strategy, summary
-from study.results import EPOCH_METRICS, TABLES
+from study.results import TABLES, files
 from trainers.policy import VERDICTS, verdict
+from trainers.records import EpochRecord
 
 RECORD = Path(os.environ.get("SSL_STUDY_TEST_RECORD",
                              Path(__file__).resolve().parent.parent / "bench" / "records" / "mocov3-fmnist-grid"))
@@ -43,7 +44,7 @@ def study_files(record: Path) -> list[Path]:
 
 def rows(path: Path) -> list[dict]:
     """The table ``path`` names (``<folder>/<table>.parquet``), its compacted file and any parts."""
-    return results.read_folder(path.parent, path.stem).to_pylist()
+    return files.read(path.parent, path.stem).to_pylist()
 
 
 def same(a, b) -> bool:
@@ -56,7 +57,7 @@ def same_epochs(played: list[dict], recorded: list[dict]) -> bool:
     """The same epochs, but for the signal summaries a replay recomputes from the traces (checked apart)."""
     return len(played) == len(recorded) and all(
         same(p[c], r[c]) for p, r in zip(played, recorded, strict=True)
-        for c in EPOCH_METRICS if c not in RECOMPUTED)
+        for c in EpochRecord.metrics() if c not in RECOMPUTED)
 
 
 def by_trial(table: list[dict], key=lambda r: (r["study"], r["trial_id"])) -> dict:

@@ -7,10 +7,10 @@ import pytest
 
 from data.convert import convert_fashion_mnist
 from study.replay import RECOMPUTED, Run, detector_summaries
+from trainers.build import build_trainer
 from trainers.callbacks import Trace
 from trainers.config import TrainConfig
 from trainers.policy import StopPolicy
-from trainers.trainer import Trainer
 
 TINY = dict(backbone="vit_test_patch4_32", epochs=3, batch_size=32, mlp_dim=64, dim=32, warmup_epochs=0.5,
             base_lr=3e-3, train_subset=512, knn_bank_subset=256, knn_eval_subset=128, monitor_every=1,
@@ -28,7 +28,7 @@ def paths(tmp_path_factory):
 
 def live(paths, policy: StopPolicy) -> tuple[Run, list[dict], int]:
     cfg = TrainConfig(**TINY, stopping=policy, train_path=str(paths["train"]), test_path=str(paths["test"]))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     epochs = list(trainer.epochs())
     (trace,) = [c for c in trainer.callbacks if isinstance(c, Trace)]
     run = Run("live", 0, epochs, {}, cfg.batch_size, list(trace.rows))

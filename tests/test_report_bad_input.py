@@ -14,7 +14,8 @@ import pytest
 import yaml
 from studies import write_study
 
-from study import cli, report, results
+from study import cli, report
+from study.results import schema
 from study.spec import SpecError, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +58,12 @@ def make_study(root: Path, trials: list[dict] | None = TRIALS):
     spec.study_dir.mkdir(parents=True)
     (spec.study_dir / "study.yaml").write_text(yaml.safe_dump(snapshot(spec)))
     if trials is not None:
-        tables = {"trials": (trials, results.trials_schema(spec.params)), "epochs": (EPOCHS, results.EPOCHS_SCHEMA),
-                  "events": (EVENTS, results.EVENTS_SCHEMA)}
+        tables = {"trials": (trials, schema.trials_schema(spec.params)), "epochs": (EPOCHS, schema.EPOCHS_SCHEMA),
+                  "events": (EVENTS, schema.EVENTS_SCHEMA)}
         (spec.study_dir / "results").mkdir()
-        for name, (rows, schema) in tables.items():
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), spec.study_dir / "results" / f"{name}.parquet")
+        for name, (rows, table_schema) in tables.items():
+            table = pa.Table.from_pylist(rows, schema=table_schema)
+            pq.write_table(table, spec.study_dir / "results" / f"{name}.parquet")
     return spec
 
 

@@ -1,4 +1,4 @@
-"""The results writer (study/results.py) driven directly, as Tune's driver calls it, with many reports.
+"""The results writer (study/results/writer.py) driven directly, as Tune's driver calls it, with many reports.
 
 No Ray cluster and no training: real ``ray.tune.experiment.Trial`` objects (stubs; a failed one gets its error
 file in a plain folder, see :class:`LocalTrial`) go through the writer's Tune hooks, and the tables are read back
@@ -20,6 +20,8 @@ import pytest
 from ray.tune.experiment import Trial
 
 from study import results
+from study.results import files
+from study.results.writer import ResultsWriter
 from study.spec import Resources, Search, StudySpec
 
 EPOCHS = 5
@@ -165,9 +167,9 @@ class Reader(threading.Thread):
                 if not (folder / "trials.parquet").exists():
                     self.stop.wait(0.01)
                     continue
-                epochs = results.read_table(self.study_dir, "epochs")
-                events = results.read_table(self.study_dir, "events")
-                trials = results.read_table(self.study_dir, "trials")
+                epochs = results.open(self.study_dir).table("epochs")
+                events = results.open(self.study_dir).table("events")
+                trials = results.open(self.study_dir).table("trials")
                 keys = epochs.select(["trial_id", "epoch"]).to_pylist()
                 assert len(keys) == len({(k["trial_id"], k["epoch"]) for k in keys}), "a repeated epoch"
                 n = duckdb.sql("SELECT count(*) FROM epochs").fetchall()[0][0]  # the Arrow table in scope
@@ -176,7 +178,7 @@ class Reader(threading.Thread):
                 assert opened.table("trials").num_rows >= 0 and opened.table("epochs").num_rows >= 0
                 for path in folder.glob("*.parquet"):  # raw files: whole or gone (a merge removed it), never torn
                     try:
-                        results.read_file(path)  # one open handle: pq.read_table(path) opens it twice
+                        files.read_file(path)  # one open handle: pq.read_table(path) opens it twice
                         self.raw += 1
                     except FileNotFoundError:
                         pass
@@ -195,7 +197,7 @@ def run(tmp_path_factory):
     trials_dir = root / "trials"
     clock, reference = Clock(), Reference()
     # a part about every 5 reports (the test's clock moves 0.01 s a report), merges of 4, chunks of 300 rows
-    writer = results.ResultsWriter(spec, clock=clock, flush_every_s=0.05, merge_parts=4, chunk_rows=300)
+    writer = ResultsWriter(spec, clock=clock, flush_every_s=0.05, merge_parts=4, chunk_rows=300)
     reader = Reader(spec.study_dir)
     counts = []  # after each report: (epoch rows reported so far, rows written, files read, files in results/)
     reported, compared, flushed = [0], [0], [0]
@@ -208,9 +210,9 @@ def run(tmp_path_factory):
         flushed[0] += not writer.buffer["epochs"]
         if not writer.buffer["epochs"] and flushed[0] % 4 == 0:  # just written: a reader sees every row so far
             compared[0] += 1
-            epochs = results.read_table(spec.study_dir, "epochs")
+            epochs = results.open(spec.study_dir).table("epochs")
             assert sorted(epoch_rows(epochs)) == sorted(reference.epoch_rows())
-            assert set(event_rows(results.read_table(spec.study_dir, "events"))) == reference.event_rows()
+            assert set(event_rows(results.open(spec.study_dir).table("events"))) == reference.event_rows()
 
     first = [f"trial_{i:05d}" for i in range(TRIALS)]
     reader.start()
@@ -239,18 +241,18 @@ def run(tmp_path_factory):
         resumed.on_trial_complete(0, [], trials[tid])
         reference.status[tid] = "completed"
     drive(resumed, trials_dir, reference, more, seed=2, clock=clock)
-    before_end = results.read_table(spec.study_dir, "epochs")
+    before_end = results.open(spec.study_dir).table("epochs")
     resumed.on_experiment_end([])
     return spec, reference, reader, counts, mid, resumed, before_end
 
 
 def test_tables_hold_what_was_reported(run):
     spec, reference, _, _, _, _, _ = run
-    epochs = results.read_table(spec.study_dir, "epochs")
+    epochs = results.open(spec.study_dir).table("epochs")
     assert sorted(epoch_rows(epochs)) == sorted(reference.epoch_rows())
     assert len(epoch_rows(epochs)) == len(reference.epochs)  # no epoch twice
-    assert sorted(event_rows(results.read_table(spec.study_dir, "events"))) == sorted(reference.event_rows())
-    trials = {r["trial_id"]: r for r in results.read_table(spec.study_dir, "trials").to_pylist()}
+    assert sorted(event_rows(results.open(spec.study_dir).table("events"))) == sorted(reference.event_rows())
+    trials = {r["trial_id"]: r for r in results.open(spec.study_dir).table("trials").to_pylist()}
     assert set(trials) == set(reference.status) and len(trials) == TRIALS + 40
     for tid, status in reference.status.items():
         row = trials[tid]
@@ -267,7 +269,7 @@ def test_tables_hold_what_was_reported(run):
 
 def test_a_repeated_epoch_replaces_the_earlier_rows(run):
     spec = run[0]
-    epochs = results.read_table(spec.study_dir, "epochs").to_pylist()
+    epochs = results.open(spec.study_dir).table("epochs").to_pylist()
     restarted = [r for r in epochs if r["trial_id"] == "trial_00011"]  # restarted after epoch 4 from epoch 2
     assert sorted(r["epoch"] for r in restarted) == list(range(1, EPOCHS + 1))
     runs = [int(r["loss"] // 100) for r in sorted(restarted, key=lambda r: r["epoch"])]
@@ -314,7 +316,7 @@ def test_the_compaction_keeps_every_row(run):
     meta = pq.read_schema(folder / "events.parquet").metadata
     assert meta[b"ssl_study.schema_version"] == str(results.SCHEMA_VERSION).encode()
     assert meta[b"ssl_study.table"] == b"events"
-    assert int(meta[results.THROUGH]) == writer.seq - 1
+    assert int(meta[files.THROUGH]) == writer.seq - 1
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/epochs*.parquet')").fetchall()[0][0]
     assert n == len(reference.epochs) == results.open(spec.study_dir).table("epochs").num_rows
     events = pq.read_table(folder / "events.parquet")
@@ -325,14 +327,14 @@ def test_a_writer_started_on_parts_a_killed_driver_left_compacts_them(tmp_path):
     spec = make_spec(tmp_path, "killed")
     trials_dir = tmp_path / "trials"
     clock, reference = Clock(), Reference()
-    writer = results.ResultsWriter(spec, clock=clock, flush_every_s=0.0, merge_parts=3, chunk_rows=50)
+    writer = ResultsWriter(spec, clock=clock, flush_every_s=0.0, merge_parts=3, chunk_rows=50)
     drive(writer, trials_dir, reference, [f"trial_{i:05d}" for i in range(30)], seed=3, clock=clock)
     folder = spec.study_dir / "results"
     assert list(folder.glob("epochs-part-*.parquet"))
     # pq sees the compacted file only (empty until the end); read_table sees everything
     assert pq.read_table(folder / "epochs.parquet").num_rows == 0
-    assert sorted(epoch_rows(results.read_table(spec.study_dir, "epochs"))) == sorted(reference.epoch_rows())
-    fresh = results.ResultsWriter(spec, clock=clock)  # a new driver: `ssl-study resume`
+    assert sorted(epoch_rows(results.open(spec.study_dir).table("epochs"))) == sorted(reference.epoch_rows())
+    fresh = ResultsWriter(spec, clock=clock)  # a new driver: `ssl-study resume`
     again = make_trial("trial_00011", {"base_lr": 1e-3, "wd": 0.0}, trials_dir)
     result = result_for(random.Random(0), "trial_00011", 3, 5)
     fresh.on_trial_result(0, [], again, result)  # its first hook loads and compacts
@@ -354,7 +356,7 @@ def test_rows_are_buffered_between_flushes(tmp_path):
     spec = make_spec(tmp_path, "buffered")
     trials_dir = tmp_path / "trials"
     clock = Clock()
-    writer = results.ResultsWriter(spec, clock=clock)
+    writer = ResultsWriter(spec, clock=clock)
     trials = [make_trial(f"t{i}", {"base_lr": 1e-3, "wd": 0.0}, trials_dir) for i in range(3)]
     rng = random.Random(0)
     for t in trials:
@@ -367,17 +369,17 @@ def test_rows_are_buffered_between_flushes(tmp_path):
     clock.t += writer.flush_every_s
     writer.on_step_end(0, [])  # Tune's loop: the rows are due
     assert writer.stats["files"]["epochs"] == written["epochs"] + 1
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 6
+    assert results.open(spec.study_dir).table("epochs").num_rows == 6
     writer.on_trial_result(0, [], trials[0], result_for(rng, "t0", 3, 0))
     writer.on_trial_complete(0, [], trials[0])  # a trial's end writes at once
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 7
-    assert {r["trial_id"]: r["status"] for r in results.read_table(spec.study_dir).to_pylist()}["t0"] == "pruned"
+    assert results.open(spec.study_dir).table("epochs").num_rows == 7
+    assert {r["trial_id"]: r["status"] for r in results.open(spec.study_dir).table().to_pylist()}["t0"] == "pruned"
     # A result with a checkpoint: a trial restored from it goes on after that epoch, so its row and everything
     # buffered before it are written at once (a driver killed now loses none of them).
     checkpoint = {"checkpoint_path": str(tmp_path / "checkpoint")}
     writer.on_trial_result(0, [], trials[2], result_for(rng, "t2", 3, 0))
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 7  # no checkpoint: buffered
+    assert results.open(spec.study_dir).table("epochs").num_rows == 7  # no checkpoint: buffered
     writer.on_trial_result(0, [], trials[1], {**result_for(rng, "t1", 3, 0), **checkpoint})
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 9  # t1's checkpointed epoch and t2's
+    assert results.open(spec.study_dir).table("epochs").num_rows == 9  # t1's checkpointed epoch and t2's
     writer.on_trial_result(0, [], trials[2], {**result_for(rng, "t2", 4, 0), **checkpoint})
-    assert results.read_table(spec.study_dir, "epochs").num_rows == 10
+    assert results.open(spec.study_dir).table("epochs").num_rows == 10

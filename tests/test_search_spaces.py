@@ -121,3 +121,23 @@ def test_grid_ablations_run_every_cell_to_the_end_and_tuning_presets_keep_asha(t
             assert spec.search.sampler == "grid" and spec.stopping.mode == "observe", name
         else:
             assert spec.search.sampler == "tpe" and spec.stopping.mode == "enforce", name
+
+
+def test_a_sobol_start_spreads_the_first_trials_over_every_axis_then_tpe_models():
+    from study.search import SobolStart
+
+    space = {"base_lr": {"log": [3e-4, 3e-3]}, "temperature": {"choice": [0.1, 0.2, 0.5, 1.0]},
+             "epochs": {"int": [1, 8]}}
+    tpe = optuna.samplers.TPESampler(seed=0, n_startup_trials=8)
+    first = sample(space, 12, SobolStart(tpe, startup=8, seed=0))
+    start = first[:8]
+    # a Sobol design of 8 points puts one point in each eighth of every axis, and each choice exactly twice
+    eighths = sorted(int(8 * math.log(c["base_lr"] / 3e-4) / math.log(10)) for c in start)
+    assert eighths == list(range(8))
+    assert sorted(c["temperature"] for c in start) == [0.1, 0.1, 0.2, 0.2, 0.5, 0.5, 1.0, 1.0]
+    assert sorted(c["epochs"] for c in start) == list(range(1, 9))
+    assert all(1 <= c["epochs"] <= 8 and 3e-4 <= c["base_lr"] <= 3e-3 for c in first[8:])
+    random = sample(space, 8, optuna.samplers.TPESampler(seed=0, n_startup_trials=8))
+    assert len({int(8 * math.log(c["base_lr"] / 3e-4) / math.log(10)) for c in random}) < 8  # seed 0 clusters
+    again = sample(space, 8, SobolStart(optuna.samplers.TPESampler(seed=0), startup=8, seed=0))
+    assert again == start  # seeded

@@ -1,5 +1,6 @@
 """Study files are validated whole, before Ray starts; each error is one line naming file and key."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,9 @@ def test_default_study_loads():
         ("search", "space", {"method": {"choice": ["byol", "dino"]}}, "search.space.method: 'dino' is not one"),
         ("search", "sampler", "grid", "search.space.base_lr: the grid sampler needs plain choice lists"),
         ("search", "metric", "accuracy", "search.metric: 'accuracy' is not one of"),
-        ("scheduler", "type", "hyperband", "scheduler.type: 'hyperband' is not one of: asha, fifo"),
+        ("scheduler", "type", "pbt", "scheduler.type: 'pbt' is not one of: asha, hyperband, fifo"),
+        ("scheduler", "reduction_factor", 1, "scheduler.reduction_factor: must be >= 2"),
+        ("search", "startup", "lhs", "search.startup: 'lhs' is not one of: random, sobol"),
         ("", "dataset", "imagenet", "dataset: dataset 'imagenet' is neither a built-in name nor an existing folder"),
         ("", "resourcez", {}, "unknown key 'resourcez'; did you mean 'resources'?"),
     ],
@@ -173,7 +176,7 @@ def test_an_autoscaling_cluster_runs_every_trial_at_once_and_workers_get_their_c
     spec = load_spec(write(tmp_path, yaml.safe_dump(data)))
     no_gpu_yet = [{"CPU": 2.0, "GPU": 0.0}]  # the head of an autoscaling cluster, before any GPU node is up
     assert concurrency(spec, no_gpu_yet) == 16  # not 1: pending trials are what make the autoscaler scale
-    spec.resources.check = True
+    spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, check=True))
     assert concurrency(spec, [{"CPU": 17.0, "GPU": 4.0}]) == 2  # a trial: 2 x 4 CPUs + 0.1 driver, 2 GPUs
     cfg = spec.train_config()
     assert (cfg.loader_workers, cfg.threads) == (4, 4)  # a worker's threads are its CPUs unless the file says

@@ -46,7 +46,7 @@ def test_every_trial_is_in_the_parquet_table(finished):
 
 def test_epoch_table_has_one_row_per_reported_epoch(finished):
     spec, trials = finished
-    epochs = results.read_table(spec.study_dir, "epochs").to_pylist()
+    epochs = results.open(spec.study_dir).table("epochs").to_pylist()
     done = {r["trial_id"]: r["epochs_done"] for r in trials.to_pylist()}
     for trial_id, n in done.items():
         assert sorted(r["epoch"] for r in epochs if r["trial_id"] == trial_id) == list(range(1, n + 1))

@@ -35,7 +35,7 @@ STUDY = {
 
 def trials_table(spec):
     try:  # read as the CLI reads it: pq.read_table(path) can catch the file being replaced (it opens it twice)
-        return results.read_table(spec.study_dir).to_pylist()
+        return results.open(spec.study_dir).table().to_pylist()
     except FileNotFoundError:
         return []
 
@@ -61,7 +61,7 @@ def lifecycle(tmp_path_factory):
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {r["trial_id"]: r for r in trials_table(spec)}
-    before_epochs = {t: [e["loss"] for e in sorted(results.read_table(spec.study_dir, "epochs")
+    before_epochs = {t: [e["loss"] for e in sorted(results.open(spec.study_dir).table("epochs")
                                                      .to_pylist(), key=lambda e: e["epoch"]) if e["trial_id"] == t]
                      for t, r in before.items() if r["status"] == "completed"}
     train_files = {t: sorted(p.name for p in (spec.study_dir / "train" / t).rglob("*")) for t, r in before.items()
@@ -81,7 +81,7 @@ def lifecycle(tmp_path_factory):
 def test_resume_finishes_the_study_without_rerunning_finished_trials(lifecycle):
     spec, before_epochs, train_files, resumed, _, _ = lifecycle
     assert len(resumed) == 4 and all(r["status"] == "completed" for r in resumed), resumed
-    epochs = results.read_table(spec.study_dir, "epochs").to_pylist()
+    epochs = results.open(spec.study_dir).table("epochs").to_pylist()
     for trial_id, files in train_files.items():  # the finished trials did not train again
         # Tune saves its experiment state every 10 s or so: a trial that ended just before the kill may be
         # started again, but it finds its final checkpoint, trains nothing and only reports its last epoch again.

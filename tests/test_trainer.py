@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.convert import convert_fashion_mnist
+from trainers.build import build_trainer
 from trainers.callbacks import TRACE_FILE, DenseKnn, OnlineProbe, Signals, Trace, Verdict
 from trainers.config import TrainConfig
 from trainers.signals import SUMMARY_KEYS
@@ -47,14 +48,14 @@ class StepCounter(Callback):
 
 
 def test_default_callbacks_in_their_order(cfg):
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     assert [type(c) for c in trainer.callbacks] == [DenseKnn, Signals, OnlineProbe, Trace, Verdict]
-    off = Trainer(TrainConfig(**{**cfg.as_dict(), "monitor_every": 0, "signals_every": 0, "online_probe": False}))
+    off = build_trainer(TrainConfig(**{**cfg.as_dict(), "monitor_every": 0, "signals_every": 0, "online_probe": False}))
     assert [type(c) for c in off.callbacks] == [Verdict]
 
 
 def test_epochs_report_every_metric_and_a_restart_continues_exactly(cfg, tmp_path):
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.callbacks.insert(1, StepCounter())
     first = next(trainer.epochs())
     assert first["epoch"] == 1 and first["steps_so_far"] == trainer.steps_per_epoch == 4
@@ -70,7 +71,7 @@ def test_epochs_report_every_metric_and_a_restart_continues_exactly(cfg, tmp_pat
     assert state["epoch"] == 0 and state["step"] == 3 and state["step_counter"] == {"steps": 4}
     second = next(trainer.epochs())
 
-    restarted = Trainer(cfg)
+    restarted = build_trainer(cfg)
     restarted.callbacks.insert(1, StepCounter())
     restarted.load(tmp_path)
     again = next(restarted.epochs())
@@ -89,21 +90,21 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_trains_every_step_once_with_t
     """train.checkpoint_minutes: a checkpoint inside the second epoch, after its second batch; a new Trainer
     resumes from it (the loader starts at the third batch) and the epoch ends as an uninterrupted run's."""
     timed = TrainConfig(**{**cfg.as_dict(), "checkpoint_minutes": 1e-9})  # due after every step
-    whole = list(Trainer(timed).epochs())  # no hook: no mid-epoch checkpoint
+    whole = list(build_trainer(timed).epochs())  # no hook: no mid-epoch checkpoint
 
     def save_then_crash(trainer: Trainer) -> None:
         if trainer.epoch == 1 and trainer.step_in_epoch == 2:
             trainer.save(tmp_path)
             raise Crash
 
-    crashed = Trainer(timed)
+    crashed = build_trainer(timed)
     crashed.mid_epoch_checkpoint = save_then_crash
     with pytest.raises(Crash):
         list(crashed.epochs())
     state = torch.load(tmp_path / STATE_FILE, weights_only=False)
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 2, 5)
 
-    resumed = Trainer(timed)
+    resumed = build_trainer(timed)
     resumed.load(tmp_path)
     (second,) = list(resumed.epochs())
     assert second["epoch"] == 2

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from trainers import distributed as dist
+from trainers.config import TrainConfig
 from trainers.linear_probe import OnlineLinearProbe
 from trainers.monitor import DenseKnnMonitor
-from trainers.policy import StopPolicy, history_entry, verdict
+from trainers.policy import StopPolicy, history_entry, verdict, verdict_report
 from trainers.signals import InstabilityMonitor
-from trainers.trainer import Callback, StepState, Trainer
+from trainers.trainer import Callback, Loaders, StepState, autocast_dtype
 
 TRACE_FILE = "trace.parquet"
 
@@ -156,8 +158,7 @@ class Verdict(Callback):
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         self.history.append(history_entry(metrics))
         judged = dist.broadcast_object(verdict(self.history, self.policy), self.device)
-        metrics.update(verdict=judged[0] if judged else "", verdict_reason=judged[1] if judged else "",
-                       stopped=int(judged is not None and self.policy.mode == "enforce"))
+        metrics.update(verdict_report(judged, self.policy))
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -166,27 +167,30 @@ class Verdict(Callback):
         self.history = list(state["history"])
 
 
-def run_shape(trainer: Trainer) -> dict:
+def run_shape(cfg: TrainConfig, loaders: Loaders) -> dict:
     """How many tests each detector runs per epoch and on how many images (trainers/detectors.py)."""
-    cfg, steps = trainer.cfg, trainer.steps_per_epoch
+    steps = len(loaders.train)
     return {"steps_per_epoch": steps, "dense_tests": -(-steps // cfg.monitor_every) if cfg.monitor_every else 1,
-            "dense_images": cfg.batch_size, "knn_images": len(getattr(trainer.loaders.test, "indices", ()))}
+            "dense_images": cfg.batch_size, "knn_images": len(getattr(loaders.test, "indices", ()))}
 
 
-def default_callbacks(trainer: Trainer) -> list[Callback]:
-    """The callbacks ``trainer.cfg`` asks for, in the order they must run."""
-    cfg, callbacks = trainer.cfg, []
+def default_callbacks(cfg: TrainConfig, loaders: Loaders, features: int, device: torch.device) -> list[Callback]:
+    """The callbacks ``cfg`` asks for, in the order they must run, for a run on ``loaders`` whose backbone gives
+    ``features`` features, on ``device``."""
+    callbacks: list[Callback] = []
     if cfg.monitor_every:
-        callbacks.append(DenseKnn(DenseKnnMonitor(cfg.monitor_bank, trainer.loaders.num_classes, cfg.monitor_every,
+        callbacks.append(DenseKnn(DenseKnnMonitor(cfg.monitor_bank, loaders.num_classes, cfg.monitor_every,
                                                   k=cfg.knn_k, temperature=cfg.knn_t)))
     signals = None
     if cfg.signals_every:
-        signals = InstabilityMonitor(every=cfg.signals_every, **run_shape(trainer), **cfg.stopping.monitor_options())
-        callbacks.append(Signals(signals, cfg.stopping.mode == "enforce" and not trainer.scaler.is_enabled()))
+        signals = InstabilityMonitor(every=cfg.signals_every, **run_shape(cfg, loaders),
+                                     **cfg.stopping.monitor_options())
+        # fp16's grad scaler skips the steps whose gradients overflow: not a divergence to halt on
+        fp16 = autocast_dtype(cfg.precision, device) == torch.float16
+        callbacks.append(Signals(signals, cfg.stopping.mode == "enforce" and not fp16))
     if cfg.online_probe:
-        probe = OnlineLinearProbe(trainer.net.backbone.num_features, trainer.loaders.num_classes)
-        callbacks.append(OnlineProbe(probe.to(trainer.device)))
-    if cfg.trace and signals is not None and trainer.rank == 0:
+        callbacks.append(OnlineProbe(OnlineLinearProbe(features, loaders.num_classes).to(device)))
+    if cfg.trace and signals is not None and dist.rank() == 0:
         callbacks.append(Trace(signals))
-    callbacks.append(Verdict(cfg.stopping, trainer.device))
+    callbacks.append(Verdict(cfg.stopping, device))
     return callbacks

@@ -136,3 +136,10 @@ def verdict(history: Sequence[dict], policy: StopPolicy) -> tuple[str, str] | No
     if all(reasons):
         return "unstable", f"{reasons[-1]} in epoch {epoch}"
     return None
+
+
+def verdict_report(judged: tuple[str, str] | None, policy: StopPolicy) -> dict:
+    """What an epoch's report says of :func:`verdict`'s answer ``judged``: ``verdict``, ``verdict_reason`` ("" while
+    healthy) and ``stopped`` (1 when ``policy`` enforces it: the run ends after this epoch)."""
+    return {"verdict": judged[0] if judged else "", "verdict_reason": judged[1] if judged else "",
+            "stopped": int(judged is not None and policy.mode == "enforce")}

@@ -34,6 +34,7 @@ from trainers.evaluation import evaluate
 from trainers.host import keep_freed_memory
 from trainers.methods import build_method
 from trainers.optim import create_optimizer
+from trainers.records import EpochRecord, halted
 from trainers.schedules import cosine_momentum, scaled_lr, warmup_cosine
 from trainers.sync_batchnorm import convert_sync_batchnorm
 
@@ -41,8 +42,6 @@ from trainers.sync_batchnorm import convert_sync_batchnorm
 # spread between seeds measures training (the paper's 0.1-0.3 points), not which 1,000 test images were drawn.
 DATA_SEED = 0
 STATE_FILE = "state.pt"
-# Reported every epoch even when the callback that measures them is off (NaN then): one schema for every run.
-OPTIONAL_METRICS = ("online_probe_top1", "dense_knn_last", "dense_knn_min")
 
 
 @dataclass
@@ -199,14 +198,17 @@ class Trainer:
     """Pretrain ``cfg`` on this process (one rank of a torch.distributed group, or alone).
 
     ``loaders`` default to the run's FFCV files (:func:`ffcv_loaders`), ``model`` to the method and backbone
-    ``cfg`` names (:func:`build_model`), ``callbacks`` to :func:`trainers.callbacks.default_callbacks`. Iterate
-    :meth:`epochs` for each epoch's metrics.
+    ``cfg`` names (:func:`build_model`); ``callbacks`` run in their order (none by default:
+    :func:`trainers.build.build_trainer` builds a run's parts, its callbacks among them, then its Trainer). Iterate
+    :meth:`epochs` for each epoch's metrics: a dict with every field of ``record`` (trainers/records.py; a subclass
+    adds metrics), its default where nothing measured it, and what callbacks add.
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu", *, loaders: Loaders | None = None,
-                 model: nn.Module | None = None, callbacks: Sequence[Callback] | None = None) -> None:
+                 model: nn.Module | None = None, callbacks: Sequence[Callback] = (),
+                 record: type[EpochRecord] = EpochRecord) -> None:
         seed_everything(cfg.seed)
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device, self.record = cfg, torch.device(device), record
         if self.device.type == "cpu":
             keep_freed_memory()  # each step reuses the last one's pages: trainers/host.py
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -232,10 +234,6 @@ class Trainer:
         self.steps_per_epoch = len(self.loaders.train)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        if callbacks is None:
-            from trainers.callbacks import default_callbacks
-
-            callbacks = default_callbacks(self)
         self.callbacks = list(callbacks)
         self.epoch = 0  # the next epoch to train
         self.step_in_epoch = 0  # batches of that epoch already trained (a checkpoint taken mid-epoch)
@@ -311,12 +309,10 @@ class Trainer:
             self.knn_init = self.evaluate()["knn_top1"]
         while self.epoch < self.cfg.epochs:
             tic = time.perf_counter()
-            metrics = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
-            # A diverged model has non-finite weights: its kNN is meaningless, so it is not computed.
-            metrics.update(dict.fromkeys(("knn_top1", "knn_top1_k200", "rankme"), math.nan) if self.halted
-                           else self.evaluate())
-            metrics.update({"knn_top1_init": self.knn_init, **dict.fromkeys(OPTIONAL_METRICS, math.nan),
-                            "epoch_time_s": time.perf_counter() - tic})  # the compute a replay counts
+            # Every field, so that every run reports one schema; a callback that is off leaves its default (NaN).
+            metrics = {**self.record(epoch=self.epoch + 1).report(), **self.train_epoch(self.epoch)}
+            metrics = halted(metrics) if self.halted else {**metrics, **self.evaluate()}
+            metrics.update(knn_top1_init=self.knn_init, epoch_time_s=time.perf_counter() - tic)
             for callback in self.callbacks:
                 callback.on_epoch_end(self.epoch, metrics)
             self.metrics, self.epoch = metrics, self.epoch + 1

@@ -21,10 +21,11 @@ def fit(cfg: TrainConfig) -> None:
     """Train ``cfg`` on this Ray Train worker, reporting every epoch."""
     # Imported here, not above: Tune's trial actor and Train's controller import this module to unpickle
     # train_loop_per_worker, and neither needs the model (timm and the Trainer: about 1.5 s each on 2 cores).
+    from trainers.build import build_trainer
     from trainers.export import export_backbone
-    from trainers.trainer import Trainer, backbone_options
+    from trainers.trainer import backbone_options
 
-    trainer = Trainer(cfg, ray.train.torch.get_device())
+    trainer = build_trainer(cfg, ray.train.torch.get_device())
     own = ray.train.get_checkpoint()  # the run's own latest checkpoint (a restarted trial) wins
     checkpoint = own or (ray.train.Checkpoint(cfg.resume_from) if cfg.resume_from else None)
     mid_epoch = MidEpoch(ray.train.get_context().get_storage()) if cfg.checkpoint_minutes else None

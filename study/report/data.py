@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from search_spaces import Param, flatten
+from study import results
 from study.best import best_trial, number
 from study.spec import SpecError, StudySpec
 
@@ -54,12 +57,8 @@ def load(study_dir: Path, spec: StudySpec) -> StudyData:
 
 
 def _rows(study_dir: Path, name: str) -> list[dict]:
-    import pyarrow as pa
-
-    from study import results
-
     try:
-        return results.read_table(study_dir, name).to_pylist()  # the compacted file and any parts
+        return results.open(study_dir).table(name).to_pylist()  # the compacted file and any parts
     except FileNotFoundError:  # epochs and events: no trial has reported an epoch yet
         return []
     except (pa.ArrowException, OSError) as e:  # a truncated, foreign or unreadable file

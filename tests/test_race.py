@@ -1,0 +1,91 @@
+"""The search race's statistics (bench/search.py) on a tiny synthetic record whose answer is known: regret, the
+compute to reach within a point, the normalised score and the paired Wilcoxon test, first on hand-made replays,
+then on real replays through Tune + Optuna + ASHA."""
+
+import math
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import search  # noqa: E402
+
+from study import replay as rp  # noqa: E402
+
+EPOCHS = 3
+TRUTH = {1e-3: 0.60, 3e-3: 0.70, 1e-2: 0.74, 3e-2: 0.50}  # each cell's mean final kNN: the best is 1e-2
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> rp.Record:
+    """Four cells x two seeds; each run's kNN climbs to its cell's truth +- 0.2 points (the seed)."""
+    folder = tmp_path_factory.mktemp("records") / "synthetic"
+    folder.mkdir()
+    study = {"name": "synthetic", "dataset": "fashion_mnist",
+             "train": {"epochs": EPOCHS, "backbone": "vit_test_patch4_32"},
+             "search": {"space": {"base_lr": {"choice": list(TRUTH)}, "seed": {"choice": [0, 1]}}},
+             "scheduler": {"type": "fifo"}, "stopping": {"mode": "observe"}}
+    (folder / "grid.yaml").write_text(yaml.safe_dump(study))
+    trials, epochs = [], []
+    for i, (lr, truth) in enumerate(TRUTH.items()):
+        for seed in (0, 1):
+            tid = f"t{i}{seed}"
+            final = truth + (0.002 if seed else -0.002)
+            trials.append({"study": "synthetic", "trial_id": tid, "base_lr": lr, "seed": seed, "status": "completed",
+                           "knn_top1": final})
+            epochs += [{"study": "synthetic", "trial_id": tid, "epoch": e, "knn_top1": final - 0.05 * (EPOCHS - e),
+                        "knn_top1_init": 0.4, "loss": 1.0, "epoch_time_s": 1.0} for e in range(1, EPOCHS + 1)]
+    pq.write_table(pa.Table.from_pylist(trials), folder / "trials.parquet")
+    pq.write_table(pa.Table.from_pylist(epochs), folder / "epochs.parquet")
+    return rp.load_record(str(folder))
+
+
+def ended(record: rp.Record, answers: list[tuple[int, float]]) -> list[rp.Ended]:
+    """A replay whose answer after ``epochs_used`` epochs is the cell with base lr ``lr``."""
+    return [rp.Ended(used, float(used), i, (lr,), 0, "completed", EPOCHS, TRUTH[lr], "", (lr,),
+                     record.truth((lr,))) for i, (used, lr) in enumerate(answers)]
+
+
+def test_regret_reach_score_and_wilcoxon_on_replays_whose_answer_is_known(record):
+    assert record.best_cell() == (1e-2,) and len(record.runs) * record.epochs == 12  # the grid: 12 epochs
+    oracle = ended(record, [(3, 1e-2)])  # the best cell first, done at 25% of the grid
+    late = ended(record, [(3, 3e-2), (6, 1e-3), (12, 1e-2)])  # a bad cell, then a middling one, the best at 100%
+    s = search.score(oracle, record)
+    assert s["reach"] == 0.25 and s["regret0.25"] == 0 and s["found"]
+    assert s["regret0.05"] == pytest.approx(0.74 - sum(TRUTH.values()) / 4)  # no answer yet: an average cell's
+    t = search.score(late, record)
+    assert t["reach"] == 1.0 and t["regret0.25"] == pytest.approx(0.24) and t["regret0.5"] == pytest.approx(0.14)
+    assert search.normalised([0.0] * 3, [0.24] * 3) == 1.0 and search.normalised([0.24] * 3, [0.24] * 3) == 0.0
+    better, worse = [0.01 * i for i in range(20)], [0.01 * i + 0.05 for i in range(20)]
+    assert search.wilcoxon_p(better, worse) < 1e-4 and search.wilcoxon_p(better, better) == 1.0
+    rows = search.race({"random": [late] * 4, "random+asha": [late] * 4, "oracle": [oracle] * 4}, record)
+    by = {r["strategy"]: r for r in rows}
+    assert by["oracle"]["score0.25"] == 1.0 and by["random"]["score0.25"] == 0.0
+    assert by["oracle"]["regret0.25"] == (0.0, 0.0) and math.isnan(by["random+asha"]["p0.25"])
+    assert "| `oracle` | 0.25 [0.25, 0.25] |" in search.report(rows)
+
+
+def test_real_replays_find_the_known_best_cell(record):
+    from study import cluster
+
+    cluster.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
+    curves = {name: [rp.replay(record, search.STRATEGIES[name], seed=seed) for seed in range(3)]
+              for name in ("grid", "random+asha", "sobol-tpe+asha", "hyperband")}
+    rows = {r["strategy"]: r for r in search.race(curves, record)}
+    assert rows["grid"]["found"] == 1.0 and rows["grid"]["regret0.5"][0] <= 0.24  # half the grid: >= 2 cells
+    assert all(score(runs) for runs in curves.values())
+    assert 0.0 <= rows["sobol-tpe+asha"]["p0.25"] <= 1.0 and rows["grid"]["reach"][2] <= 1.0
+    # Hyperband's second bracket (3 trials from 1 epoch) halves: a trial paused at its rung resumes or is pruned
+    assert any(e.status == "pruned" and e.epochs == 1 for runs in curves["hyperband"] for e in runs)
+    assert any(e.status == "completed" and e.epochs == EPOCHS for runs in curves["hyperband"] for e in runs)
+
+
+def score(runs: list[list[rp.Ended]]) -> bool:
+    """Every replay ends with an answer, spends at most the grid's compute, and says what the answer is worth."""
+    return all(e and e[-1].incumbent is not None and e[-1].epochs_used <= 12 and 0.5 <= e[-1].incumbent_truth <= 0.74
+               for e in runs)
