@@ -47,13 +47,18 @@ class Results:
     def _dataset(self, name: str):
         if name in APPENDED and not any(parts(d, name) for d in self.dirs):
             return _dataset(self.files[name])
+        tables = [t.replace_schema_metadata(None) for t in self._read(name)]
+        return ds.dataset(pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({}))
+
+    def _read(self, name: str) -> list[pa.Table]:
+        """Table ``name`` of each study that has written it, whole (files.read)."""
         tables = []
         for d in self.dirs:
             try:
-                tables.append(read(d, name).replace_schema_metadata(None))
+                tables.append(read(d, name))
             except FileNotFoundError:
                 continue
-        return ds.dataset(pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({}))
+        return tables
 
     def table(self, name: str = "trials", **to_table) -> pa.Table:
         """Table ``name`` whole (its compacted file and parts, deduplicated; of one study with its file metadata),
@@ -62,12 +67,7 @@ class Results:
             raise ValueError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
         if to_table:
             return getattr(self, name).to_table(**to_table)
-        tables = []
-        for d in self.dirs:
-            try:
-                tables.append(read(d, name))
-            except FileNotFoundError:
-                continue
+        tables = self._read(name)
         if not tables:
             raise FileNotFoundError(f"{self.dirs[0] if len(self.dirs) == 1 else 'these studies'}: no {name} table yet")
         if len(tables) == 1:

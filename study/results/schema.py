@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from search_spaces import Param
 from trainers.events import Event
-from trainers.records import EpochRecord
+from trainers.records import EpochRecord, columns_of
 
 SCHEMA_VERSION = 3  # 2: rankme and epoch_time_s; 3: the trials' knn_dips is knn_dip_count, as in epochs
 TABLES = ("trials", "epochs", "events")
@@ -66,7 +66,7 @@ def epochs_schema(record: type[EpochRecord] = EpochRecord) -> pa.Schema:
 
 
 EPOCHS_SCHEMA = epochs_schema()
-EVENTS_SCHEMA = pa.schema([*KEY, *_fields((f.name, f.type) for f in fields(Event))])
+EVENTS_SCHEMA = pa.schema([*KEY, *_fields(columns_of(Event))])
 TRIAL_COLUMNS = tuple(f.name for f in fields(TrialRow))
 # What a terminal shows of a trial (``launch``'s summary, ``status``), after its id and parameters; ``best`` and
 # the report show the numbers among them.
@@ -85,7 +85,7 @@ def _param_type(param: Param) -> pa.DataType:
 
 def trials_schema(params: list[Param]) -> pa.Schema:
     return pa.schema([*KEY, *[(p.name, _param_type(p)) for p in params],
-                      *_fields((f.name, f.type) for f in fields(TrialRow))])
+                      *_fields(columns_of(TrialRow))])
 
 
 def with_version(schema: pa.Schema, table: str) -> pa.Schema:
