@@ -59,13 +59,13 @@ STRATEGIES = {
                                                      startup_trials=5, reduction_factor=3),
     "tpe+asha+calibrated(rankme)": rp.Strategy("tpe+asha+calibrated(rankme)", scheduler="asha", stopping="enforce",
                                                policy="calibrated", metric="rankme"),
-    # issue 27: the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best
-    # tenth goes on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose
-    # first trials are a Sobol design
+    # issue 27: Hyperband, and BOHB-style TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own
+    # package, is unmaintained since 2019; Tune's TuneBOHB needs it: this is the closest maintained pair)
     "hyperband": rp.Strategy("hyperband", sampler="random", scheduler="hyperband", reduction_factor=3),
-    # BOHB-style: TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own package, is
-    # unmaintained since 2019; Tune's TuneBOHB needs it): the closest maintained pair
     "tpe+hyperband": rp.Strategy("tpe+hyperband", scheduler="hyperband", reduction_factor=3),
+    # the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best tenth goes
+    # on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose first
+    # trials are a Sobol design
     "random+top10%@1": rp.Strategy("random+top10%@1", sampler="random", scheduler="asha", reduction_factor=10),
     "sobol-tpe+asha": rp.Strategy("sobol-tpe+asha", scheduler="asha", startup="sobol"),
     "sobol-tpe+asha+policy": rp.Strategy("sobol-tpe+asha+policy", scheduler="asha", stopping="enforce",
