@@ -9,9 +9,9 @@ best completed trials (study/best.py's rule) are evaluated by one protocol:
   split (or ``train_subset`` of it); top-1 and top-5, a row per k.
 
 Each trial's evaluation is one Ray task on the cluster Ray is connected to (the one that ran the study, or the
-local Ray), with the resources of one of the study's trials: its workers' CPUs, and a GPU (or the fraction each
-worker had) where its workers had GPUs. One process evaluates what several workers trained: a probe of a frozen
-backbone costs a forward per image and epoch, no backward through it.
+local Ray), with the resources of one of the study's trials: its workers' CPUs (at most a node's), and a GPU (or
+the fraction each worker had) where its workers had GPUs. One process evaluates what several workers trained: a
+probe of a frozen backbone costs a forward per image and epoch, no backward through it.
 
 Rows go to ``<study_dir>/results/evaluations.parquet`` (schema: study/results/schema.py ``EVALUATIONS_SCHEMA``),
 rewritten whole (``files.write_atomic``) as each evaluation ends, so an interrupted run loses only the
@@ -188,11 +188,14 @@ def evaluate_backbone(job: Job, data_paths: dict[str, str], cpus: float, gpu: bo
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
-def task_resources(spec: StudySpec) -> dict[str, float]:
-    """One trial's resources for one process: its workers' CPUs, and one GPU where they had one each (the
-    fraction where its one worker had a fraction)."""
+def task_resources(spec: StudySpec, nodes: list[dict[str, float]]) -> dict[str, float]:
+    """One trial's resources for one process: its workers' CPUs (at most the largest of ``nodes``'s, where a
+    trial's workers spread over nodes), and one GPU where its workers had one each (the fraction where its one
+    worker had a fraction)."""
     r = spec.resources
-    return {"num_cpus": r.workers * r.cpus_per_worker, "num_gpus": min(1.0, r.gpus_per_worker)}
+    largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    return {"num_cpus": min(r.workers * r.cpus_per_worker, max(largest, r.cpus_per_worker)),
+            "num_gpus": min(1.0, r.gpus_per_worker)}
 
 
 def write(spec: StudySpec, rows: list[dict]) -> None:
@@ -209,7 +212,9 @@ def run(spec: StudySpec, jobs: list[Job], data_paths: dict[str, str]) -> list[st
     ``logs/<trial_id>-evaluate.log``)."""
     import ray
 
-    resources = task_resources(spec)
+    from study.cluster import cluster_nodes
+
+    resources = task_resources(spec, cluster_nodes())
     task = ray.remote(evaluate_backbone)
     futures = {task.options(name=f"evaluate {job.protocol} {job.trial_id}", max_retries=spec.resources.retries,
                             **resources).remote(job, data_paths, resources["num_cpus"], resources["num_gpus"] > 0): job

@@ -190,3 +190,19 @@ def test_knn_top5_counts_agree_with_the_predictions():
     for k, (top1, top5) in counts.items():
         assert top1 == int((preds[k] == labels).sum()) <= top5 <= 70
     assert knn_topk_correct(feats, labels % 3, bank, bank_labels % 3, 3, [20])[20][1] == 70  # 3 classes: all in top 5
+
+
+def test_a_task_has_a_trials_resources_on_one_node(tmp_path):
+    from dataclasses import replace
+
+    from study.evaluate import task_resources
+    from study.spec import Resources
+
+    spec = write_study(tmp_path, STUDY, data_dir=ROOT / "datasets")
+    assert task_resources(spec, [{"CPU": 2.0}]) == {"num_cpus": 0.9, "num_gpus": 0.0}
+    gpus = replace(spec, resources=Resources(workers=4, cpus_per_worker=8, gpus_per_worker=1))
+    # 4 workers x 8 CPUs on nodes of 16: one process cannot span nodes
+    assert task_resources(gpus, [{"CPU": 16.0, "GPU": 2.0}] * 2) == {"num_cpus": 16.0, "num_gpus": 1.0}
+    half = replace(spec, resources=Resources(workers=1, cpus_per_worker=4, gpus_per_worker=0.5))
+    assert task_resources(half, [{"CPU": 16.0, "GPU": 1.0}]) == {"num_cpus": 4.0, "num_gpus": 0.5}
+
