@@ -1,6 +1,8 @@
 """Helpers for the tests that run real studies: a study file written to a temporary root, a local Ray, and the
 stopping studies that several modules read (run once per session by ``conftest.stopping_studies``)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 
@@ -48,11 +50,18 @@ def stopping_study(root: Path, name: str, space: dict, mode: str) -> StudySpec:
     }, data_dir=ROOT / "datasets")
 
 
-def run_studies(*specs: StudySpec) -> None:
-    """Run each study to the end on a 2-CPU local Ray, shut down afterwards."""
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A 2-CPU local Ray for the block, shut down at its end."""
     cluster.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
     try:
-        for spec in specs:
-            runner.run_study(spec)
+        yield
     finally:
         ray.shutdown()
+
+
+def run_studies(*specs: StudySpec) -> None:
+    """Run each study to the end on a 2-CPU local Ray, shut down afterwards."""
+    with local_ray():
+        for spec in specs:
+            runner.run_study(spec)

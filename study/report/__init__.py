@@ -15,7 +15,8 @@ Under ``<study_dir>/report/`` (or ``--out DIR``), each file written to a tempora
 - ``status.png`` (``status_counts``): trials by status;
 - ``importance.png`` (``importance``): parameter importance from the Optuna storage (PED-ANOVA);
 - ``parallel.png`` (``parallel``): parallel coordinates over the searched parameters and the metric;
-- ``report.html`` (``page``): a summary table of the trials and the figures.
+- ``report.html`` (``page``): a summary table of the trials, their evaluations (``ssl-study evaluate``) if any,
+  and the figures.
 
 ``data`` reads the results tables, ``style`` holds what the figures share, ``write`` puts it all together and
 ``command`` is the CLI's subcommand. Figures are drawn with matplotlib's object API

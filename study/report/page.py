@@ -40,15 +40,19 @@ def _status_badge(status: str) -> str:
     return f'<span class="status" style="background:{color};color:{text_color}">{html.escape(status)}</span>'
 
 
-def _summary_table(data: StudyData) -> str:
-    names = [p.name for p in data.params]
-    metric = data.metric
-
+def _sorted_trials(data: StudyData) -> list[dict]:
+    """The trials by final metric, best first, those without a finite one last."""
     def key(t: dict):
         v = data.metric_value(t)
         return (not math.isfinite(v), -v if data.maximize and math.isfinite(v) else v if math.isfinite(v) else 0)
 
-    trials = sorted(data.trials, key=key)
+    return sorted(data.trials, key=key)
+
+
+def _summary_table(data: StudyData) -> str:
+    names = [p.name for p in data.params]
+    metric = data.metric
+    trials = _sorted_trials(data)
     best = data.best([t for t in trials if t["status"] == "completed"])
     head = ["trial", "status", *names, "epochs", f"final {metric}", "best knn_top1", "kNN at init", "final loss",
             "verdict", "events", "time (s)", "error"]
@@ -68,6 +72,25 @@ def _summary_table(data: StudyData) -> str:
                  f'<td class="text">{html.escape(t.get("error") or "")}</td>']
         row_class = ' class="best"' if best is not None and t is best else ""
         out.append(f"<tr{row_class}>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _evaluations_table(data: StudyData) -> str:
+    """``ssl-study evaluate``'s rows, trials in the order of the summary table's best first: empty when none."""
+    if not data.evaluations:
+        return ""
+    rank = {t["trial_id"]: i for i, t in enumerate(_sorted_trials(data))}
+    rows = sorted(data.evaluations, key=lambda r: (rank.get(r["trial_id"], len(rank)), r["protocol"], r["k"] or 0))
+    head = ["trial", "protocol", "settings", "top-1", "top-5", "time (s)", "evaluated at"]
+    out = ["<h2>Evaluations</h2>", "<p>The best trials' exported backbones, frozen, evaluated by <code>ssl-study "
+           "evaluate</code>: linear, the paper's linear probe; knn, weighted kNN of the whole test split.</p>",
+           "<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cells = [f'<td class="text">{html.escape(str(r[k]))}</td>' for k in ("trial_id", "protocol", "settings")]
+        cells += [f"<td>{html.escape(_fmt(r[k]))}</td>" for k in ("top1", "top5", "seconds")]
+        cells.append(f'<td class="text">{html.escape(str(r["evaluated_at"]))}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -106,6 +129,7 @@ def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...]
         f"<p>Sorted by final {esc(data.metric)}, best first; the best completed trial in bold. A verdict is the "
         f"instability policy's (in observe mode it is recorded but the trial goes on).</p>",
         _summary_table(data),
+        _evaluations_table(data),
         "<h2>Training curves</h2>",
         _figure("curves", written, "kNN top-1 (epoch 0: at initialisation), training loss and the dense kNN "
                 "monitor's minimum within each epoch, one line per trial coloured by status; dashed: stopped by the "
