@@ -88,6 +88,12 @@ class Record:
                                           _detected={})
         return self._detected[key]
 
+    def without_traces(self) -> Record:
+        """What a replaying trial needs: the traces (5 MB pickled in the first record, 0.1 s to load) stay with
+        the driver, which recomputes the detectors from them (:meth:`with_detectors`)."""
+        runs = {cell: [replace(run, trace=[]) for run in rs] for cell, rs in self.runs.items()}
+        return replace(self, runs=runs, _detected={})
+
     def cell(self, config: dict) -> tuple:
         return tuple(config[a] for a in self.axes)
 
@@ -466,7 +472,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
             spec = replace(spec, name=Path(out).name)
-        played = record.with_detectors(spec.stopping)
+        played = record.with_detectors(spec.stopping).without_traces()
         run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed,
                                           pauses=strategy.scheduler == "hyperband")
         run = runner.tune.with_resources(run, {"CPU": 0.01})

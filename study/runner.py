@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
 from data import store
 from data.datasets import prepare
 from data.store import ObjectPath, check_writable, is_remote, location
-from search_spaces import define_by_run
+from search_spaces import define_by_run, size
 from study import evaluate, results
 from study.cluster import connect, ray_logs_dir
 from study.console import say
@@ -195,7 +195,8 @@ def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = 
                        sampler=sampler(spec), study_name=spec.name,
                        storage=storage or open_storage(spec),
                        epochs=spec.train_config().epochs, constraints=spec.search.constraints,
-                       rerun_duplicates=spec.search.rerun_duplicates, spec=None if storage else spec)
+                       rerun_duplicates=spec.search.rerun_duplicates, space_size=size(spec.params),
+                       spec=None if storage else spec)
 
 
 def build_scheduler(spec: StudySpec):

@@ -8,9 +8,11 @@ from contextlib import suppress
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study.best import finite
+from study.console import say
 from study.optuna_storage import open_storage
 from study.spec import StudySpec
 from study.status import trial_status
@@ -123,17 +125,20 @@ class StudySearch(OptunaSearch):
 
     A suggested configuration equal to one that already completed or was pruned is not run again (runs are
     seeded: it would train to the same result) unless ``rerun_duplicates``: Optuna is told the earlier outcome
-    for it and asked again, up to :data:`MAX_REASKS` times.
+    for it and asked again, up to :data:`MAX_REASKS` times. Once every configuration of a finite space
+    (``space_size``: choices and integer ranges only) has completed or been pruned, the search is over.
     """
 
     def __init__(self, *args, epochs: int, constraints: bool = False, rerun_duplicates: bool = False,
-                 spec: StudySpec | None = None, **kwargs) -> None:
+                 space_size: int | None = None, spec: StudySpec | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.epochs = epochs
         self.constraints = constraints
         self.rerun_duplicates = rerun_duplicates
+        self.space_size = space_size
         self.spec = spec  # whose Optuna storage a restored searcher reopens (None: keep the pickled one)
         self._flagged: set[str] = set()
+        self._announced = False
 
     def restore(self, checkpoint_path: str) -> None:
         """Tune's state of a resumed study, with the Optuna study reopened where this machine has it: the
@@ -147,7 +152,9 @@ class StudySearch(OptunaSearch):
         for trial in self._ot_trials.values():  # asked before the save: their reports and tells go here too
             trial.study, trial.storage = self._ot_study, self._ot_study._storage
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._exhausted():
+            return Searcher.FINISHED
         for attempt in range(MAX_REASKS):
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials.get(trial_id)
@@ -170,6 +177,19 @@ class StudySearch(OptunaSearch):
         if isinstance(config, dict) and trial_id in self._ot_trials:
             config = {**config, "optuna_trial": self._ot_trials[trial_id].number}
         return config
+
+    def _exhausted(self) -> bool:
+        """Every configuration of a finite space has run: another trial would repeat one (runs are seeded), after
+        up to MAX_REASKS asks each costlier than the last (TPE's cost grows with the trials told)."""
+        if self.rerun_duplicates or not self.space_size:
+            return False
+        done = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if len({repr(sorted(t.params.items())) for t in done}) < self.space_size:
+            return False
+        if not self._announced:
+            self._announced = True
+            say(f"search: all {self.space_size} configurations of the space have run; no new trial starts")
+        return True
 
     def _finished_twin(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
         params = trial.params

@@ -312,3 +312,12 @@ def test_a_configuration_that_already_ran_is_told_its_outcome_not_run_again(loca
                     assert (t.state, t.value) == (twin.state, twin.value)
     assert len(set(cells[False])) == trials  # no configuration ran twice
     assert len(set(cells[True])) < trials  # the same random draws, run as they come, repeat some
+
+
+def test_a_search_ends_once_every_configuration_of_its_finite_space_ran(local_ray, record, capsys):
+    """ASHA prunes most cells after an epoch: every cell has run long before the grid's budget is spent, and the
+    search ends there instead of asking TPE again and again for a configuration that has not run."""
+    ended = replay.replay(record, Strategy("tpe+asha", scheduler="asha"), seed=3)
+    assert sorted(e.cell for e in ended) == sorted(record.runs)  # each cell once, then no trial
+    assert ended[-1].epochs_used < len(record.runs) * record.epochs  # with budget left
+    assert f"all {len(record.runs)} configurations of the space have run" in capsys.readouterr().out
