@@ -202,14 +202,17 @@ TEST_IMAGES = {"fashion_mnist": 10_000, "mnist": 10_000}  # a record's epoch kNN
 
 
 def _traces(tables: Path, trials: list[dict]) -> dict[tuple, list[dict]]:
-    """Every run's per-step trace by (study, trial_id): a record's ``traces.parquet``, or the ``trace.parquet``
-    beside each trial's last checkpoint in a study directory."""
+    """Every run's per-step trace by (study, trial_id): a record's ``traces.parquet`` or its file per run under
+    ``traces/`` (bench/record_runs.py), or the ``trace.parquet`` beside each trial's last checkpoint in a study
+    directory."""
     import pyarrow.parquet as pq
 
-    if (tables / "traces.parquet").is_file():
+    found = sorted(tables.glob("traces/*.parquet")) + [p for p in [tables / "traces.parquet"] if p.is_file()]
+    if found:
         out: dict[tuple, list[dict]] = {}
-        for row in pq.read_table(tables / "traces.parquet").to_pylist():
-            out.setdefault((row.pop("study"), row.pop("trial_id")), []).append(row)
+        for path in found:
+            for row in pq.read_table(path).to_pylist():
+                out.setdefault((row.pop("study"), row.pop("trial_id")), []).append(row)
     else:
         out = {(t["study"], t["trial_id"]): pq.read_table(Path(t["checkpoint"]) / "trace.parquet").to_pylist()
                for t in trials if t.get("checkpoint") and (Path(t["checkpoint"]) / "trace.parquet").is_file()}
