@@ -11,7 +11,8 @@ Under ``<study_dir>/report/`` (or ``--out DIR``), each file written to a tempora
   and the verdict's epoch;
 - ``heatmap.png`` (``heatmap``, over the cells of ``grid``): the final study metric over two parameters, as the
   paper's batch x lr table (``--params A B``; default base_lr x batch_size, else the two searched parameters
-  with the most distinct values);
+  with the most distinct values); a study that searched one range (the bundled study's base_lr) gets a scatter
+  of its trials on that parameter's own axis (log for a log range), coloured by status, instead;
 - ``status.png`` (``status_counts``): trials by status;
 - ``importance.png`` (``importance``): parameter importance from the Optuna storage (PED-ANOVA);
 - ``parallel.png`` (``parallel``): parallel coordinates over the searched parameters and the metric;
