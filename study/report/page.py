@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from study.report.data import StudyData
+from study.report.grid import scatter_param
 from study.report.style import METRIC_LABELS, STATUS_COLORS
 from study.status import STATUSES
 
@@ -103,6 +104,23 @@ def _figure(fid: str, written: dict[str, Path], caption: str, missing: str, attr
     return f'<figure id="{fid}"{attrs}><p class="missing">{html.escape(missing)}</p></figure>'
 
 
+def _heat_section(data: StudyData, written: dict[str, Path], heat: tuple[str, ...], label: str,
+                  attrs: str) -> list[str]:
+    """The heading and figure of ``heatmap.png``: a scatter over one searched range, else levels in cells."""
+    param = scatter_param(data, heat)
+    if param is not None:
+        scale_text = {"log": "a log axis", "log1m": "1 - m on a log axis"}.get(param.kind, "a linear axis")
+        return [f"<h2>Final metric by {html.escape(param.name)}</h2>",
+                _figure("heatmap", written, f"Each trial's final {label} at its {param.name}, on {scale_text} as "
+                        f"the search space samples it (dotted: the search range), coloured by status; x at the "
+                        f"bottom: no finite value.", "No trial to draw.", attrs)]
+    return ["<h2>Final metric over two parameters</h2>",
+            _figure("heatmap", written, f"Final {label} of the best trial in each cell (as the paper's batch x lr "
+                    "table); under the value: the trial's status when it did not complete, its instability verdict "
+                    "in parentheses when it completed with one (observe mode); n: trials in the cell.",
+                    "The study searched no parameter: no heat map.", attrs)]
+
+
 def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...], importance_note: str) -> str:
     """The page: ``written`` maps the figure ids to their files (a figure not in it is explained instead),
     ``heat`` names the heat map's axes, ``importance_note`` says how the importances were got or why not."""
@@ -142,11 +160,7 @@ def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...]
                 "had to leave, the dense kNN measurements with their binomial band where the run kept its trace, "
                 "random init (dotted) and the verdict's epoch (dashed); the reason names the detector and the "
                 "noise it was judged against.", "No run was judged unstable."),
-        "<h2>Final metric over two parameters</h2>",
-        _figure("heatmap", written, f"Final {label} of the best trial in each cell (as the paper's batch x lr "
-                "table); under the value: the trial's status when it did not complete, its instability verdict in "
-                "parentheses when it completed with one (observe mode); n: trials in the cell.",
-                "The study searched no parameter: no heat map.", heat_attrs),
+        *_heat_section(data, written, heat, label, heat_attrs),
         "<h2>Status counts</h2>",
         _figure("status", written, "Trials by status.", "No trials."),
         "<h2>Parameter importance</h2>",
