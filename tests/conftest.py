@@ -1,7 +1,12 @@
 """Fixtures shared by several test modules."""
 
+import os
+
 import pytest
+from servers import RUN_MARK
 from studies import DIVERGING, HEALTHY, lr_study, run_studies, stopping_study
+
+os.environ.setdefault(RUN_MARK, str(os.getpid()))  # before any Ray starts: servers.pids_naming
 
 
 @pytest.fixture(scope="session")
