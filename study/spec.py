@@ -110,7 +110,7 @@ class Tracking:
     environment only (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD, WANDB_API_KEY)."""
 
     tensorboard: bool = False  # event files in <study dir>/tensorboard/<trial_id>/
-    mlflow: str | None = None  # a tracking URI: http(s)://host:port, file:/path, ...
+    mlflow: str | None = None  # a tracking URI: http(s)://host:port (a server), sqlite:///abs/path.db, ...
     wandb: Wandb | None = None
 
 
@@ -353,9 +353,9 @@ def _check_tracking(tracking: Tracking, src: str) -> None:
         from urllib.parse import urlsplit
 
         uri = urlsplit(tracking.mlflow)
-        if not uri.scheme and not tracking.mlflow.startswith("/"):
+        if not uri.scheme:
             raise SpecError(f"{src}: tracking.mlflow: {tracking.mlflow!r} is not a tracking URI; accepted: "
-                            f"http(s)://HOST:PORT, file:/abs/path, or another URI MLflow takes")
+                            f"http(s)://HOST:PORT, sqlite:///abs/path.db, or another URI MLflow takes")
         if uri.password is not None:
             raise SpecError(f"{src}: tracking.mlflow: the URI holds a password, and the study file is saved with the "
                             f"results; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "

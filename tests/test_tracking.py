@@ -1,7 +1,8 @@
 """The study file's ``tracking:`` (study/tracking.py) against real trackers: a real MLflow server on 127.0.0.1,
 TensorBoard event files and W&B offline runs, all three on one tiny real study (a healthy and a diverging learning
 rate: a completed trial and one the policy stops, with its instability events), read back with each tracker's own
-reader and compared with the study's Parquet tables. Then bad input: one line, exit code 2, before Ray starts.
+reader and compared with the study's Parquet tables. Then a tracker that fails (a warning, nothing raised into
+Tune) and bad input (one line, exit code 2, before Ray starts), without a study.
 """
 
 import json
@@ -213,6 +214,7 @@ def test_bad_tracking_is_one_line_and_exit_2_before_ray_starts(tmp_path, capsys,
         ({"wandb": {"project": "p", "api_key": "abc"}}, "tracking.wandb.api_key: credentials are never read from "
                                                         "the study file"),
         ({"mlflow": "http://me:pw@127.0.0.1:5000"}, "tracking.mlflow: the URI holds a password"),
+        ({"mlflow": "mlruns"}, "tracking.mlflow: 'mlruns' is not a tracking URI; accepted: http(s)://HOST:PORT"),
     ]
     for i, (tracking, expected) in enumerate(cases):
         path = tmp_path / f"bad{i}.yaml"
