@@ -71,7 +71,7 @@ def _at_least(least: int):
 def describe(spec: StudySpec, address: str | None) -> str:
     """The resolved study, as ``launch --dry-run`` prints it."""
     from search_spaces import flatten
-    from study import cluster
+    from study import cluster, tracking
 
     def space(params, indent="    ") -> list[str]:
         lines = []
@@ -117,6 +117,7 @@ def describe(spec: StudySpec, address: str | None) -> str:
         f"  results: {spec.study_dir} (results/*.parquet, train/<trial>/ checkpoints)",
         f"  optuna:  {spec.optuna_url}",
         f"  ray:     {address or 'a local Ray started in this process'}",
+        *(f"  {line}" for line in tracking.where(spec)),
     ])
 
 
@@ -127,7 +128,7 @@ def _protocol(ev) -> str:
 
 
 def print_summary(spec: StudySpec, trials) -> None:
-    from study import evaluate
+    from study import evaluate, tracking
 
     columns = ["trial_id", SUMMARY_COLUMNS[0], *(p.name for p in spec.params), *SUMMARY_COLUMNS[1:]]
     print(f"\n{format_table(trials, columns)}\n")
@@ -137,13 +138,15 @@ def print_summary(spec: StudySpec, trials) -> None:
     print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events"
           f"{', evaluations' if evaluations else ''})")
     print(f"Optuna storage:  {spec.optuna_url}")
+    for line in tracking.where(spec):
+        print(line)
 
 
 def launch(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
     spec = load_spec(args.spec)  # validated whole before Ray starts
-    from study import cluster, runner  # heavy imports (Ray, torch) only once the spec is known good
+    from study import cluster, runner, tracking  # heavy imports (Ray, torch) only once the spec is known good
 
     if args.dry_run:
         if not args.address:  # a real launch checks in cluster.connect, before Ray starts
@@ -154,6 +157,7 @@ def launch(args: argparse.Namespace) -> int:
         runner.check_locations(spec)  # as runner.run_study does, before Ray starts: buckets writable,
         spec = with_default_storage(spec)  # the Optuna storage it would use, reachable
         check_storage(spec)
+        tracking.check(spec)  # the trackers, reachable
         print(describe(spec, args.address))
         return 0
     print_summary(spec, runner.run_study(spec, address=args.address, verbose=args.verbose))

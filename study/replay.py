@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import statistics
 import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -433,23 +431,10 @@ def _ledger_class():
     return Ledger
 
 
-@contextmanager
-def _replay_environment():
-    """A replay is thousands of sub-second trials: no TensorBoard/CSV/JSON files per trial, no experiment-state
-    snapshot every few seconds (about a third of the replay's time), no per-trial console output. Restored after,
-    so that a real study later in the same process keeps Tune's defaults."""
-    settings = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "3600",
-                "RAY_AIR_NEW_OUTPUT": "0"}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# A replay is thousands of sub-second trials: no TensorBoard/CSV/JSON files per trial, no experiment-state snapshot
+# every few seconds (about a third of the replay's time), no per-trial console output. Set for the replay only
+# (runner.environment).
+REPLAY_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "3600", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | None = None,
@@ -482,7 +467,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())
         callbacks = [ledger, *([ResultsWriter(spec)] if out else [])]
-        with _replay_environment():
+        with runner.environment(REPLAY_ENV):
             runner.build_tuner(spec, run=run, search=search, callbacks=callbacks, stop=ledger,
                                reuse_actors=True).fit()
         if out:

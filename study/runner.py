@@ -5,14 +5,18 @@ resolved study, what ``resume`` / ``extend`` / ``status`` read), ``tune/`` (Tune
 for each ``extend``), ``train/<trial_id>/`` (each trial's Train run and checkpoints, named by trial id so a
 restarted trial finds its own checkpoint), ``optuna.db`` (the Optuna study, readable by optuna-dashboard;
 ``optuna.journal`` for a study on NFS, or the database that ``search.storage`` names: study/optuna_storage.py;
-in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log) and
-``results/*.parquet`` (study/results/).
+in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log),
+``results/*.parquet`` (study/results/) and, when the study file's ``tracking:`` asks, ``tensorboard/<trial_id>/``
+and ``wandb/`` (study/tracking.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +42,7 @@ from data import store
 from data.datasets import prepare
 from data.store import ObjectPath, check_writable, is_remote, location
 from search_spaces import define_by_run, size
-from study import evaluate, results
+from study import evaluate, results, tracking
 from study.cluster import connect, ray_logs_dir
 from study.console import say
 from study.mirror import Mirror, pull
@@ -242,8 +246,32 @@ def build_tuner(spec: StudySpec, data_paths: dict[str, str] | None = None, exper
         run_config=tune.RunConfig(name=experiment, storage_path=str(spec.study_dir), verbose=0, stop=stop,
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.retries),
                                   callbacks=callbacks if callbacks is not None else
-                                  [ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec)]),
+                                  [ResultsWriter(spec), ProgressLine(spec, max_concurrent), Mirror(spec),
+                                   *tracking.callbacks(spec)]),
     )
+
+
+@contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """``settings`` in this process's environment for the block, restored after: Tune reads its own settings from
+    the driver's environment when an experiment starts."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fit(tuner: tune.Tuner) -> None:
+    """Run a study's Tune experiment with Tune's automatic loggers off: its callbacks name every logger a trial
+    gets (study/tracking.py), so TensorBoard files are written when the study file asks, and only then."""
+    with environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
+        tuner.fit()
 
 
 def experiments(study_dir: Path | ObjectPath) -> list[Path | ObjectPath]:
@@ -284,10 +312,11 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
                         f"adds trials, or choose another name")
     spec = with_default_storage(spec)  # journal instead of SQLite for a study directory on NFS
     check_storage(spec)  # an unreachable database is one line here, before Ray starts
+    tracking.check(spec)  # and so is a tracker that cannot be reached
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         save_spec(spec)
-        build_tuner(spec, data_paths, max_concurrent=max_concurrent).fit()
+        fit(build_tuner(spec, data_paths, max_concurrent=max_concurrent))
         evaluate_at_end(spec, data_paths)
     return results.open(spec.study_dir).table()
 
@@ -300,12 +329,14 @@ def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = Tr
         raise SpecError(f"{spec.study_dir}: nothing to resume (no Tune experiment state); launch the study instead")
     pull(spec)
     check_storage(spec)
+    tracking.check(spec)
     for marker in (spec.study_dir / "logs").glob(".*.failed"):  # resume retries failed trials: all of them
         marker.unlink()
     with connect(spec, address, verbose):
         data_paths = prepare_data(spec)
-        tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
-                           resume_errored=True).fit()
+        # (the restored experiment keeps the callbacks it started with, trackers included: Tune pickled them)
+        fit(tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
+                               resume_errored=True))
         evaluate_at_end(spec, data_paths)
     close_orphans(spec, spec.name)
     return results.open(spec.study_dir).table()
@@ -321,11 +352,12 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
     # first trials, whatever the storage holds): seed the extension by how many trials the study has.
     pull(spec)
     check_storage(spec)
+    tracking.check(spec)
     had = len(optuna.load_study(study_name=spec.name, storage=open_storage(spec)).trials)
     spec = replace(spec, search=replace(spec.search, num_samples=trials, seed=spec.search.seed + had))
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
-        build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()
+        fit(build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent))
         evaluate_at_end(spec, data_paths)
     return results.open(spec.study_dir).table()
 

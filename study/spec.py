@@ -30,6 +30,10 @@ SAMPLERS = ("tpe", "random", "grid")
 STARTUPS = ("random", "sobol")
 SCHEDULERS = ("asha", "hyperband", "fifo")
 PROTOCOLS = ("linear", "knn")  # study/evaluate.py
+WANDB_MODES = ("online", "offline")
+# Keys that would put a credential in the study file, which is saved with the results (study.yaml): refused with
+# where the credential goes instead (trackers and databases read theirs from the environment).
+CREDENTIAL_KEYS = ("api_key", "key", "token", "password", "secret", "credentials")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,22 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Wandb:
+    project: str | None = None  # None: the study's name
+    mode: str = "online"  # online: needs WANDB_API_KEY; offline: run files under the study dir (`wandb sync` later)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """``tracking:``: experiment trackers that get one run per trial (study/tracking.py). Credentials come from the
+    environment only (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD, WANDB_API_KEY)."""
+
+    tensorboard: bool = False  # event files in <study dir>/tensorboard/<trial_id>/
+    mlflow: str | None = None  # a tracking URI: http(s)://host:port (a server), sqlite:///abs/path.db, ...
+    wandb: Wandb | None = None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str = "study"
     preset: str | None = None  # a paper study from search_spaces/presets.py; this file's keys override it
@@ -112,6 +132,7 @@ class StudySpec:
     scheduler: Scheduler = field(default_factory=Scheduler)
     stopping: StopPolicy = field(default_factory=StopPolicy)  # instability policy (trainers/policy.py)
     evaluate: Evaluate | None = None  # the best trials evaluated at the end (study/evaluate.py); None: not
+    tracking: Tracking = field(default_factory=Tracking)  # TensorBoard, MLflow, W&B runs (study/tracking.py)
     source: str = ""  # the file this spec came from (set by the loader)
 
     @property
@@ -179,6 +200,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def _unknown(key: str, accepted: typing.Iterable[str], where: str) -> SpecError:
+    if key.lower() in CREDENTIAL_KEYS:
+        at = f"{where}.{key}" if ": " in where else f"{where}: {key}"
+        return SpecError(f"{at}: credentials are never read from the study file (it is saved with the "
+                         f"results); set them in the environment, e.g. WANDB_API_KEY, MLFLOW_TRACKING_TOKEN")
     accepted = sorted(accepted)
     close = difflib.get_close_matches(key, accepted, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -316,9 +341,29 @@ def validate(spec: StudySpec) -> StudySpec:
         if not cfg.export:
             raise SpecError(f"{src}: evaluate: needs the trials' exported backbones, but train.export is false; "
                             f"set train.export: true or remove evaluate")
+    _check_tracking(spec.tracking, src)
     if not spec.name or "/" in spec.name:
         raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
     return spec
+
+
+def _check_tracking(tracking: Tracking, src: str) -> None:
+    """The ``tracking:`` values themselves; whether each tracker answers is checked at launch (study/tracking.py)."""
+    if tracking.mlflow is not None:
+        from urllib.parse import urlsplit
+
+        uri = urlsplit(tracking.mlflow)
+        if not uri.scheme:
+            raise SpecError(f"{src}: tracking.mlflow: {tracking.mlflow!r} is not a tracking URI; accepted: "
+                            f"http(s)://HOST:PORT, sqlite:///abs/path.db, or another URI MLflow takes")
+        if uri.password is not None:
+            raise SpecError(f"{src}: tracking.mlflow: the URI holds a password, and the study file is saved with the "
+                            f"results; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+                            f"MLFLOW_TRACKING_TOKEN) in the environment instead")
+    if tracking.wandb is not None:
+        _one_of(tracking.wandb.mode, WANDB_MODES, f"{src}: tracking.wandb.mode")
+        if tracking.wandb.project is not None and not tracking.wandb.project.strip():
+            raise SpecError(f"{src}: tracking.wandb.project: must be a non-empty name (or left out: the study's)")
 
 
 def resolved(where: str) -> str:

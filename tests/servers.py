@@ -13,6 +13,10 @@ private to root). scripts/setup_system.sh installs PostgreSQL (Debian's ``postgr
 package) on a free port of 127.0.0.1 with authentication on: it creates an IAM user with a fresh access key and
 one bucket, ``s3.bucket``; ``s3.env`` is what a client needs in its environment (``AWS_ENDPOINT_URL`` and that
 key), for a test to set with ``monkeypatch.setenv``. The server and all it holds are gone at the end.
+
+``with mlflow_server(tmp_path) as mlflow:`` starts an MLflow tracking server (``mlflow server``: mlflow-skinny with
+Flask, SQLAlchemy and alembic) on a free port of 127.0.0.1, its runs in an SQLite file and its artifacts in a folder
+under ``tmp_path``; ``mlflow.uri`` is its tracking URI. The server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -321,3 +325,49 @@ def s3_server(tmp_path: Path, bucket: str = "ssl-study-test") -> Iterator[S3Serv
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------- an MLflow server
+
+
+@dataclass
+class MLflowServer:
+    uri: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def mlflow_server(tmp_path: Path) -> Iterator[MLflowServer]:
+    """An MLflow tracking server of its own for the block (see the module's docstring)."""
+    port, base = _free_port(), Path(tmp_path) / "mlflow"
+    base.mkdir(parents=True)
+    log = base / "server.log"
+    # One worker; no job runner (MLflow 3's background jobs: a Huey consumer it would restart in a loop, and
+    # nothing a tracking client uses).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                             "--artifacts-destination", str(base / "artifacts")],
+                            cwd=base, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = MLflowServer(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.time() + 300  # its imports take minutes on a loaded 2-core machine
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{server.uri}/health", timeout=5).ok:
+                    break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the MLflow server did not start:\n{server.log()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # uvicorn's parent and its worker: the process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+                break
