@@ -5,7 +5,8 @@ initialisation (the trial's config, a fresh init with its seed), both through th
     .venv/bin/python bench/evaluate_vs_init.py --epochs 3 --train-subset 4096 --probe-epochs 10 --probe-subset 4096
 
 It runs a tiny real study (2 trials over the base lr, 1 worker each, on a local Ray), evaluates its best trial with
-``ssl-study evaluate``, then the random-init backbone in this process with the same settings.
+``ssl-study evaluate``, then the random-init backbone in this process with the same settings. ``random_init_rows``
+and ``pixel_rows`` (the baselines) are also bench/rank_agreement.py's.
 """
 
 from __future__ import annotations
@@ -22,12 +23,36 @@ import yaml
 import trainers  # noqa: F401  (compat shim before timm)
 from study import evaluate, results
 from study.cli import main
-from study.spec import Evaluate, load_spec
+from study.spec import Evaluate, StudySpec, load_spec
 from trainers.backbones import create_backbone
+from trainers.config import TrainConfig
 from trainers.export import export_backbone
 from trainers.trainer import backbone_options
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_init_rows(spec: StudySpec, trial: dict, ev: Evaluate, data_paths: dict[str, str], workdir: Path,
+                     cpus: float = 1) -> list[dict]:
+    """``ev``'s evaluation (study/evaluate.py, in this process) of ``trial``'s backbone at random initialisation:
+    the trial's config (its searched parameters, ``trial`` a trials-table row), a fresh init with its seed (the
+    trial's own start), exported under ``workdir``. Its rows, as ``ssl-study evaluate`` writes them."""
+    cfg = spec.train_config({k: trial[k] for k in spec.search.space
+                             if k in TrainConfig.field_names() and trial.get(k) is not None})
+    torch.manual_seed(cfg.seed)  # the trial's own start: the same seed, the same init
+    fresh = Path(workdir) / "init" / "backbone.safetensors"
+    export_backbone(create_backbone(cfg.backbone, **backbone_options(cfg)), cfg.backbone, fresh,
+                    **backbone_options(cfg))
+    job = evaluate.Job("random-init", str(fresh), ev.protocol, evaluate.settings(ev, cfg.backbone))
+    return evaluate.evaluate_backbone(job, data_paths, cpus=cpus, gpu=False)
+
+
+def pixel_rows(ev: Evaluate, backbone: str, data_paths: dict[str, str], cpus: float = 1) -> list[dict]:
+    """``ev``'s evaluation of raw pixels, by the same code as a backbone's: the images the backbones see (the eval
+    loader's crop, normalised, 3 x 32 x 32 on Fashion-MNIST), flattened (3,072 features; ``nn.Flatten`` as the
+    frozen module). ``backbone``: the name whose probe settings apply (the default base lr)."""
+    job = evaluate.Job("raw-pixels", "", ev.protocol, evaluate.settings(ev, backbone))
+    return evaluate.evaluate_backbone(job, data_paths, cpus=cpus, gpu=False, module=torch.nn.Flatten())
 
 
 def run() -> None:
@@ -63,18 +88,12 @@ def run() -> None:
         trial = next(t for t in results.open(spec.study_dir).table("trials").to_pylist()
                      if t["trial_id"] == row["trial_id"])
 
-        cfg = spec.train_config({"base_lr": trial["base_lr"]})
-        torch.manual_seed(cfg.seed)  # the trial's own start: the same seed, the same init
-        fresh = Path(tmp) / "init" / "backbone.safetensors"
-        export_backbone(create_backbone(cfg.backbone, **backbone_options(cfg)), cfg.backbone, fresh,
-                        **backbone_options(cfg))
         ev = Evaluate(top=1, epochs=args.probe_epochs, batch_size=args.probe_batch, base_lr=args.probe_base_lr,
                       train_subset=args.probe_subset)
-        job = evaluate.Job("random-init", str(fresh), "linear", evaluate.settings(ev, cfg.backbone))
         tic = time.perf_counter()
-        [init] = evaluate.evaluate_backbone(job, {"train_path": str(ROOT / "datasets/fashion_mnist_train.beton"),
-                                                  "test_path": str(ROOT / "datasets/fashion_mnist_test.beton")},
-                                            cpus=1, gpu=False)
+        [init] = random_init_rows(spec, trial, ev, {"train_path": str(ROOT / "datasets/fashion_mnist_train.beton"),
+                                                    "test_path": str(ROOT / "datasets/fashion_mnist_test.beton")},
+                                  Path(tmp))
         init_s = time.perf_counter() - tic
     print(f"\nstudy: {args.epochs} epochs on {args.train_subset} images, 2 trials ({pretrain:.0f} s with Ray); best "
           f"trial {row['trial_id']} (base_lr {trial['base_lr']:g}, per-epoch kNN {trial['knn_top1']:.4f})")

@@ -136,9 +136,10 @@ def _local(backbone: str, tmp: Path) -> Path:
     return tmp / path.name
 
 
-def evaluate_backbone(job: Job, data_paths: dict[str, str], cpus: float, gpu: bool) -> list[dict]:
+def evaluate_backbone(job: Job, data_paths: dict[str, str], cpus: float, gpu: bool, module=None) -> list[dict]:
     """Run ``job`` in this process (a Ray task's, or any) on ``cpus`` CPUs and a GPU if ``gpu``: its rows, without
-    the study column."""
+    the study column. ``module``: a frozen ``nn.Module`` evaluated in place of the job's exported backbone (a
+    baseline such as raw pixels, ``nn.Flatten()``: bench/evaluate_vs_init.py)."""
     import tempfile
 
     import torch
@@ -156,8 +157,11 @@ def evaluate_backbone(job: Job, data_paths: dict[str, str], cpus: float, gpu: bo
     torch.set_num_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")  # Ray shows a task the GPUs it was given
     tic = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        backbone = load_exported(_local(job.backbone, Path(tmp))).to(device)
+    if module is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            backbone = load_exported(_local(job.backbone, Path(tmp))).to(device)
+    else:
+        backbone = module.to(device)
     train, test = Path(local_beton(data_paths["train_path"])), Path(local_beton(data_paths["test_path"]))
     meta = read_metadata(train)
     # the same fixed subset as the per-epoch kNN's bank (trainers/trainer.py) when the sizes agree
