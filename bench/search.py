@@ -16,6 +16,8 @@ and a figure of the answer's mean final kNN against compute (median and quartile
 
     .venv/bin/python bench/search.py                          # every strategy, 50 seeds, on both records
     .venv/bin/python bench/search.py --records mocov3-fmnist-grid --seeds 3 --strategies grid tpe+asha+policy
+    nice .venv/bin/python bench/search.py --commit    # hours: commits bench/races/ as strategies finish, so that
+                                                      # a race cut off by the end of a sitting goes on in the next
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from data import atomic
 from study import replay as rp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/calibrate.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/calibrate.py, bench/record_runs.py
 
 STRATEGIES = {
     "grid": rp.Strategy("grid", sampler="grid"),
@@ -275,13 +277,19 @@ def main() -> None:
     p.add_argument("--saved", type=Path, default=Path("bench/races"),
                    help="every replay's result, to resume an interrupted race (delete it after changing the "
                         "replay's code: a saved replay is reused while its strategy is unchanged)")
+    p.add_argument("--commit", action="store_true",
+                   help="git commit the saved replays as each strategy finishes and every 15 minutes")
     args = p.parse_args()
     for name in args.records:
         race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
-                    Saved(args.saved, name, calibrated(rp.load_record(name))))
+                    Saved(args.saved, name, calibrated(rp.load_record(name))), commit_each=args.commit)
 
 
-def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure: Path, saved: Saved) -> None:
+COMMIT_EVERY_S = 900.0
+
+
+def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure: Path, saved: Saved,
+                commit_each: bool = False) -> None:
     record = rp.load_record(name)
     grid = len(record.runs) * record.epochs
     best = record.best_cell()
@@ -293,15 +301,21 @@ def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure:
     done = {s: saved.load(s) for s in strategies}
     tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]
     print(f"{len(tasks)} replays to run, {sum(len(d) for d in done.values())} saved", flush=True)
-    tic = time.perf_counter()
+    tic = committed = time.perf_counter()
     # Replays are independent: each process runs its share on a local Ray of its own (one replay at a time, so
     # each replay stays deterministic).
     with multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_ray) as pool:
         for (_, s, seed, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
             done[s][seed] = ended
             saved.save(s, done[s])
-            if all(k in done[s] for k in range(seeds)):
+            finished = all(k in done[s] for k in range(seeds))
+            if finished:
                 print(f"  {s}: done at {time.perf_counter() - tic:.0f} s", flush=True)
+            if commit_each and (finished or time.perf_counter() - committed > COMMIT_EVERY_S):
+                from record_runs import commit  # the recorder's: one way to commit a result
+                commit(saved.folder, f"race on {name}: {s} {'done' if finished else 'in progress'} "
+                                     f"({sum(map(len, done.values()))} of {len(strategies) * seeds} replays)")
+                committed = time.perf_counter()
         pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
         pool.join()
     curves = {s: [done[s][seed] for seed in range(seeds)] for s in strategies}
