@@ -301,12 +301,12 @@ def s3_server(tmp_path: Path, bucket: str = "ssl-study-test") -> Iterator[S3Serv
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # moto imports its backends on the first request: slow on a loaded machine
         while True:
             try:
-                requests.get(f"{endpoint}/moto-api/", timeout=2)
+                requests.get(f"{endpoint}/moto-api/", timeout=10)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused before it listens, a read timeout while it imports
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"moto's S3 server did not start:\n{log.read_text()}") from None
                 time.sleep(0.2)
