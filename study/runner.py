@@ -7,7 +7,7 @@ restarted trial finds its own checkpoint), ``optuna.db`` (the Optuna study, read
 ``optuna.journal`` for a study on NFS, or the database that ``search.storage`` names: study/optuna_storage.py;
 in object storage, a copy of the driver's file: study/mirror.py), ``logs/`` (each failed trial's log),
 ``results/*.parquet`` (study/results/) and, when the study file's ``tracking:`` asks, ``tensorboard/<trial_id>/``
-and ``wandb/`` (study/tracking.py).
+and ``wandb/`` (study/tracking/).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def environment(settings: dict[str, str]) -> Iterator[None]:
 
 def fit(tuner: tune.Tuner) -> None:
     """Run a study's Tune experiment with Tune's automatic loggers off: its callbacks name every logger a trial
-    gets (study/tracking.py), so TensorBoard files are written when the study file asks, and only then."""
+    gets (study/tracking/), so TensorBoard files are written when the study file asks, and only then."""
     with environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
         tuner.fit()
 

@@ -106,7 +106,7 @@ class Wandb:
 
 @dataclass(frozen=True)
 class Tracking:
-    """``tracking:``: experiment trackers that get one run per trial (study/tracking.py). Credentials come from the
+    """``tracking:``: experiment trackers that get one run per trial (study/tracking/). Credentials come from the
     environment only (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME / _PASSWORD, WANDB_API_KEY)."""
 
     tensorboard: bool = False  # event files in <study dir>/tensorboard/<trial_id>/
@@ -132,7 +132,7 @@ class StudySpec:
     scheduler: Scheduler = field(default_factory=Scheduler)
     stopping: StopPolicy = field(default_factory=StopPolicy)  # instability policy (trainers/policy.py)
     evaluate: Evaluate | None = None  # the best trials evaluated at the end (study/evaluate.py); None: not
-    tracking: Tracking = field(default_factory=Tracking)  # TensorBoard, MLflow, W&B runs (study/tracking.py)
+    tracking: Tracking = field(default_factory=Tracking)  # TensorBoard, MLflow, W&B runs (study/tracking/)
     source: str = ""  # the file this spec came from (set by the loader)
 
     @property
@@ -348,7 +348,7 @@ def validate(spec: StudySpec) -> StudySpec:
 
 
 def _check_tracking(tracking: Tracking, src: str) -> None:
-    """The ``tracking:`` values themselves; whether each tracker answers is checked at launch (study/tracking.py)."""
+    """The ``tracking:`` values themselves; whether each tracker answers is checked at launch (study/tracking/)."""
     if tracking.mlflow is not None:
         from urllib.parse import urlsplit
 

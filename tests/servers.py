@@ -355,7 +355,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[MLflowServer]:
                             cwd=base, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     server = MLflowServer(f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.time() + 300  # its imports take minutes on a loaded 2-core machine
+        deadline = time.time() + 600  # its imports and database migrations: 4-5 min on a 2-core machine at load 18
         while True:
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{server.uri}/health", timeout=5).ok:

@@ -1,4 +1,4 @@
-"""The study file's ``tracking:`` (study/tracking.py) against real trackers: a real MLflow server on 127.0.0.1,
+"""The study file's ``tracking:`` (study/tracking/) against real trackers: a real MLflow server on 127.0.0.1,
 TensorBoard event files and W&B offline runs, all three on one tiny real study (a healthy and a diverging learning
 rate: a completed trial and one the policy stops, with its instability events), read back with each tracker's own
 reader and compared with the study's Parquet tables. Then a tracker that fails (a warning, nothing raised into
@@ -17,7 +17,7 @@ from studies import DIVERGING, HEALTHY, ROOT, STOPPING_TRAIN, rows, run_studies,
 
 from study.cli import main
 from study.tracking import EVENT_COLUMNS, TensorBoard
-from study.tracking_mlflow import MLflow
+from study.tracking.mlflow_logger import MLflow
 from trainers.records import EpochRecord
 
 SECRETS = {"MLFLOW_TRACKING_TOKEN": secrets.token_hex(16), "WANDB_API_KEY": secrets.token_hex(20)}

@@ -1,4 +1,4 @@
-"""``tracking.wandb`` (study/tracking.py): Tune's Weights & Biases logger; imported only by a study that names
+"""``tracking.wandb`` (study/tracking/): Tune's Weights & Biases logger; imported only by a study that names
 it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
 from study.spec import StudySpec
-from study.tracking import EVENT_COLUMNS, _Tracker
+from study.tracking.base import EVENT_COLUMNS, Tracker
 
 
 class _WandbRun(_WandbLoggingActor):
@@ -31,7 +31,7 @@ class _WandbRun(_WandbLoggingActor):
         run.finish()
 
 
-class Wandb(_Tracker, WandbLoggerCallback):
+class Wandb(Tracker, WandbLoggerCallback):
     """``tracking.wandb``: Tune's W&B logger with the run above; offline needs no login."""
 
     key = "tracking.wandb"

@@ -1,4 +1,4 @@
-"""``tracking.mlflow`` (study/tracking.py): Tune's MLflow logger; imported only by a study that names it."""
+"""``tracking.mlflow`` (study/tracking/): Tune's MLflow logger; imported only by a study that names it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from study.spec import StudySpec
-from study.tracking import EVENT_COLUMNS, _Tracker, bounded_retries
+from study.tracking.base import EVENT_COLUMNS, Tracker, bounded_retries
 
 
-class MLflow(_Tracker, MLflowLoggerCallback):
+class MLflow(Tracker, MLflowLoggerCallback):
     """``tracking.mlflow``: Tune's MLflow logger (its setup makes the study's experiment), with the metrics of an
     epoch in one request, runs found again by trial id, and the trial's end as tags and a table."""
 
