@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -119,13 +120,35 @@ def tables_of(study_dir: Path, name: str) -> dict[str, pa.Table]:
 
 def append(folder: Path, new: dict[str, pa.Table]) -> None:
     """Add ``new``'s rows to the folder's tables, each rewritten atomically (the trials table last: a run counts as
-    recorded only once all its rows are in)."""
-    for name in ("epochs", "events", "traces", "trials"):
+    recorded only once all its rows are in). Traces go to a file per run under ``traces/``, written once: a
+    table of every trace rewritten per run would add its whole size to the repository's history at each commit
+    (6 MB at 128 runs)."""
+    split_traces(folder)
+    if "traces" in new:
+        for study in sorted(set(new["traces"].column("study").to_pylist())):
+            write_traces(folder, study, new["traces"].filter(pc.equal(new["traces"]["study"], study)))
+    for name in ("epochs", "events", "trials"):
         if name not in new:
             continue
         path = folder / f"{name}.parquet"
         parts = [files.read_file(path), new[name]] if path.is_file() else [new[name]]  # older schemas renamed
         write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
+
+
+def write_traces(folder: Path, study: str, table: pa.Table) -> None:
+    (folder / "traces").mkdir(exist_ok=True)
+    write_atomic(table, folder / "traces" / f"{study}.parquet")
+
+
+def split_traces(folder: Path) -> None:
+    """A record's single ``traces.parquet`` (as this recorder wrote it before) as a file per run; once."""
+    legacy = folder / "traces.parquet"
+    if not legacy.is_file():
+        return
+    table = pq.read_table(legacy)
+    for study in sorted(set(table.column("study").to_pylist())):
+        write_traces(folder, study, table.filter(pc.equal(table["study"], study)))
+    legacy.unlink()
 
 
 def commit(folder: Path, message: str) -> None:

@@ -14,24 +14,26 @@ run once to the end (the record's cells x epochs). For each strategy, over the s
 
 and a figure of the answer's mean final kNN against compute (median and quartiles per strategy).
 
-    .venv/bin/python bench/search.py                          # every strategy, 20 seeds
-    .venv/bin/python bench/search.py --seeds 3 --strategies grid tpe+asha+policy   # a quick look
+    .venv/bin/python bench/search.py                          # every strategy, 50 seeds, on both records
+    .venv/bin/python bench/search.py --records mocov3-fmnist-grid --seeds 3 --strategies grid tpe+asha+policy
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
+from data import atomic
 from study import replay as rp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/calibrate.py
@@ -59,13 +61,13 @@ STRATEGIES = {
                                                      startup_trials=5, reduction_factor=3),
     "tpe+asha+calibrated(rankme)": rp.Strategy("tpe+asha+calibrated(rankme)", scheduler="asha", stopping="enforce",
                                                policy="calibrated", metric="rankme"),
-    # issue 27: the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best
-    # tenth goes on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose
-    # first trials are a Sobol design
+    # issue 27: Hyperband, and BOHB-style TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own
+    # package, is unmaintained since 2019; Tune's TuneBOHB needs it: this is the closest maintained pair)
     "hyperband": rp.Strategy("hyperband", sampler="random", scheduler="hyperband", reduction_factor=3),
-    # BOHB-style: TPE proposing the trials of Hyperband's brackets (hpbandster, BOHB's own package, is
-    # unmaintained since 2019; Tune's TuneBOHB needs it): the closest maintained pair
     "tpe+hyperband": rp.Strategy("tpe+hyperband", scheduler="hyperband", reduction_factor=3),
+    # the one-epoch top-K baseline of Egele et al. (2023): every trial runs one epoch and only the best tenth goes
+    # on to the end (ASHA with one rung: grace 1, reduction factor 10 = the records' epochs); TPE whose first
+    # trials are a Sobol design
     "random+top10%@1": rp.Strategy("random+top10%@1", sampler="random", scheduler="asha", reduction_factor=10),
     "sobol-tpe+asha": rp.Strategy("sobol-tpe+asha", scheduler="asha", startup="sobol"),
     "sobol-tpe+asha+policy": rp.Strategy("sobol-tpe+asha+policy", scheduler="asha", stopping="enforce",
@@ -73,6 +75,7 @@ STRATEGIES = {
 }
 
 
+RECORDS = ["mocov3-fmnist-grid", "mocov3-fmnist-4axes"]  # the first record (issue 14) and the harder one (issue 27)
 CALIBRATED = {name for name in STRATEGIES if "calibrated" in name}  # their policy comes from calibrated()
 
 
@@ -154,7 +157,7 @@ def race(curves: dict[str, list[list[rp.Ended]]], record: rp.Record) -> list[dic
     for name, s in scores.items():
         row = {"strategy": name, "reach": quartiles([x["reach"] for x in s]),
                "found": sum(x["found"] for x in s) / len(s), "seeds": len(s),
-               **{k: statistics.median(x[k] for x in s) for k in ("trials", "pruned", "stopped")}}
+               **{k: statistics.median(x[k] for x in s) for k in ("trials", "pruned", "stopped", "used")}}
         for f in FRACTIONS:
             key = f"regret{f:g}"
             row[key] = mean_se([x[key] for x in s])
@@ -174,7 +177,7 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 def report(rows: list[dict]) -> str:
     """The race as a Markdown table (the README's)."""
     head = ["strategy", "within 1 pt from", *(f"regret@{f:.0%}" for f in FRACTIONS), "score@10%", "score@25%",
-            "best found", "p@10%", "p@25%", "trials", "pruned", "stopped"]
+            "best found", "p@10%", "p@25%", "trials", "pruned", "stopped", "compute used"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lo, mid, hi = r["reach"]
@@ -182,7 +185,7 @@ def report(rows: list[dict]) -> str:
                  *(f"{100 * r[f'regret{f:g}'][0]:.2f} ± {100 * r[f'regret{f:g}'][1]:.2f}" for f in FRACTIONS),
                  f"{r['score0.1']:.2f}", f"{r['score0.25']:.2f}", f"{r['found']:.0%}",
                  *("-" if math.isnan(r[k]) else f"{r[k]:.3g}" for k in ("p0.1", "p0.25")),
-                 f"{r['trials']:.0f}", f"{r['pruned']:.0f}", f"{r['stopped']:.0f}"]
+                 f"{r['trials']:.0f}", f"{r['pruned']:.0f}", f"{r['stopped']:.0f}", f"{r['used']:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -222,10 +225,39 @@ def _start_ray() -> None:
 
 def _replay(task: tuple[str, str, int, dict]) -> list[rp.Ended]:
     record, name, seed, policy = task
-    strategy = STRATEGIES[name]
-    if name in CALIBRATED:
-        strategy = replace(strategy, policy=policy)
-    return rp.replay(_record(record), strategy, seed=seed)
+    return rp.replay(_record(record), _strategy(name, policy), seed=seed)
+
+
+def _strategy(name: str, policy: dict) -> rp.Strategy:
+    return replace(STRATEGIES[name], policy=policy) if name in CALIBRATED else STRATEGIES[name]
+
+
+class Saved:
+    """Each strategy's replays of a record, one JSON file per strategy rewritten as each replay ends (by this
+    process only): a race of thousands of replays takes hours, and an interrupted one (or one continued in
+    another session, from the committed files) replays only what is missing. Replays of a strategy that has
+    changed since are dropped."""
+
+    def __init__(self, folder: Path, record: str, policy: dict) -> None:
+        self.folder, self.policy = folder / record, policy
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def load(self, name: str) -> dict[int, list[rp.Ended]]:
+        path = self._path(name)
+        if not path.is_file() or (saved := json.loads(path.read_text()))["strategy"] != repr(
+                _strategy(name, self.policy)):
+            return {}
+        return {int(seed): [rp.Ended(**{**e, "cell": tuple(e["cell"]),
+                                        "incumbent": e["incumbent"] and tuple(e["incumbent"])}) for e in ended]
+                for seed, ended in saved["replays"].items()}
+
+    def save(self, name: str, replays: dict[int, list[rp.Ended]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(self._path(name), json.dumps(
+            {"strategy": repr(_strategy(name, self.policy)),
+             "replays": {seed: [asdict(e) for e in ended] for seed, ended in sorted(replays.items())}}))
 
 
 @functools.cache
@@ -235,38 +267,49 @@ def _record(name: str) -> rp.Record:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--record", default=rp.DEFAULT_RECORD)
-    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--records", nargs="+", default=RECORDS, help="records to race on, each in turn")
+    p.add_argument("--seeds", type=int, default=50)
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    p.add_argument("--figure", default="bench/figures/search_best_so_far.png")
+    p.add_argument("--figures", default="bench/figures", help="where each record's regret figure goes")
     p.add_argument("--jobs", type=int, default=2, help="replays at a time (processes, each with its own Ray)")
+    p.add_argument("--saved", type=Path, default=Path("bench/races"),
+                   help="every replay's result, to resume an interrupted race (delete it after changing the "
+                        "replay's code: a saved replay is reused while its strategy is unchanged)")
     args = p.parse_args()
-    record = rp.load_record(args.record)
+    for name in args.records:
+        race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
+                    Saved(args.saved, name, calibrated(rp.load_record(name))))
+
+
+def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure: Path, saved: Saved) -> None:
+    record = rp.load_record(name)
     grid = len(record.runs) * record.epochs
     best = record.best_cell()
     runs = sum(map(len, record.runs.values()))
     print(f"record {record.name}: {runs} runs, {len(record.runs)} cells, {record.epochs} epochs; grid = {grid} "
           f"epochs ({record.seconds / runs / 60:.1f} min per run recorded); best cell "
           f"{dict(zip(record.axes, best, strict=True))}: {record.truth(best):.4f}")
-    curves: dict[str, list[list[rp.Ended]]] = {name: [] for name in args.strategies}
-    policy = calibrated(record)
-    print(f"calibrated policy: {policy}")
-    tasks = [(args.record, name, seed, policy) for name in args.strategies for seed in range(args.seeds)]
+    print(f"calibrated policy: {saved.policy}")
+    done = {s: saved.load(s) for s in strategies}
+    tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]
+    print(f"{len(tasks)} replays to run, {sum(len(d) for d in done.values())} saved", flush=True)
     tic = time.perf_counter()
     # Replays are independent: each process runs its share on a local Ray of its own (one replay at a time, so
     # each replay stays deterministic).
-    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_start_ray) as pool:
-        for (_, name, _, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
-            curves[name].append(ended)
-            if len(curves[name]) == args.seeds:
-                print(f"  {name}: done at {time.perf_counter() - tic:.0f} s", flush=True)
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_ray) as pool:
+        for (_, s, seed, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
+            done[s][seed] = ended
+            saved.save(s, done[s])
+            if all(k in done[s] for k in range(seeds)):
+                print(f"  {s}: done at {time.perf_counter() - tic:.0f} s", flush=True)
         pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
         pool.join()
-    print(f"\n{args.seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); regret in kNN points, "
+    curves = {s: [done[s][seed] for seed in range(seeds)] for s in strategies}
+    print(f"\n{seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); regret in kNN points, "
           f"mean +- standard error; score: 0 = {REFERENCE}'s regret, 1 = the best cell; p: paired Wilcoxon "
           f"signed-rank test against {BASELINE}")
     print(report(race(curves, record)))
-    print(f"\nfigure: {plot(curves, record, Path(args.figure))}")
+    print(f"\nfigure: {plot(curves, record, figure)}\n")
 
 
 if __name__ == "__main__":

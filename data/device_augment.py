@@ -1,19 +1,20 @@
 """The GPU side of the view recipe: colour jitter, grayscale, blur and solarize on uint8 image batches.
 
-The loader still crops and flips on the CPU and draws every random choice there (the seeded draws of
-data/augment.py's ``jitter_batch`` / ``grayscale_batch`` / ``blur_batch`` / ``solarize_batch``); it hands the
-choices over as one float64 row per image (layout below) and these functions apply them to a uint8
-[B, H, W, 3] batch on whatever device it lives on. Why: at 224 px the colour ops were about 40% of the
-loader's CPU time per image (two-view loaders on 2 cores), and they are cheap elementwise work on a GPU.
+The loader still crops and flips on the CPU and draws every random choice there (each op's ``record`` in
+data/ops/, the same draws as its ``batch``); it hands the choices over as one float64 row per image and these
+functions apply them to a uint8 [B, H, W, 3] batch on whatever device it lives on. Why: at 224 px the colour ops
+were about 40% of the loader's CPU time per image (two-view loaders on 2 cores), and they are cheap elementwise
+work on a GPU.
 
-Every function is bit-identical to its numba kernel in data/augment.py applied image by image: it repeats
+Every function is bit-identical to its numba kernel in data/ops/ applied image by image: it repeats
 the kernel's float32 (and, where the kernel has them, float64 / int64) operations in the same order, one torch
 op each, so no fused multiply-add or reassociation can appear on any device. Keep it that way: no
 addcmul / lerp / ``add(alpha=...)`` with alpha other than 1, no ``torch.compile``, no ``scalar / tensor``
 (torch computes it as a reciprocal times the scalar), no division by a Python scalar (CUDA turns it into a
 multiplication by the reciprocal), no convolutions (another summation order).
 
-``params`` layout, one float64 row of ``params_width(recipe)`` columns per image:
+``params`` layout (data/ops/__init__.py derives the numbers), one float64 row of ``params_width(recipe)``
+columns per image:
 
 - ``COL_JITTER``: 1.0 if ColorJitter is applied, else 0.0
 - ``COL_ORDER`` (4 columns): the jitter order, a permutation of 0..3 (brightness, contrast, saturation, hue)
@@ -35,17 +36,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from data.ops import COL_WEIGHTS, COLUMNS, blur_radius, params_width  # noqa: F401  (tests read D.blur_radius)
 from data.recipes import ViewRecipe
 
-COL_JITTER = 0
-COL_ORDER = slice(1, 5)
-COL_FACTORS = slice(5, 9)
-COL_GRAY = 9
-COL_BLUR = 10
-COL_SOLARIZE = 11
-COL_WEIGHTS = 12
+COL_JITTER, COL_ORDER, COL_FACTORS, COL_GRAY, COL_BLUR, COL_SOLARIZE = (
+    COLUMNS[name] for name in ("jitter", "order", "factors", "gray", "blur", "solarize"))
 
-# data/augment.py's float32 constants, as the exact Python floats of those float32 values (so every device
+# The numba kernels' float32 constants, as the exact Python floats of those float32 values (so every device
 # casts them back to the same float32).
 _GR, _GG, _GB = (float(np.float32(v)) for v in (0.2989, 0.587, 0.114))
 _INV255 = float(np.float32(1.0 / 255.0))
@@ -53,17 +50,6 @@ _SIXTH = float(np.float32(1.0 / 6.0))
 _TO_U8 = float(np.float32(255.0 + 1.0 - 1e-3))
 
 Tensor = torch.Tensor
-
-
-def blur_radius(sigma: float) -> int:
-    """Half-width of the blur kernel: ceil(3 sigma), so kernel_size = 2 * ceil(3 sigma) + 1 (13 at sigma 2); the
-    numba side draws the same in augment.blur_draw."""
-    return math.ceil(3.0 * sigma)
-
-
-def params_width(recipe: ViewRecipe) -> int:
-    """Columns of one image's ``params`` row for ``recipe``: 12 + the 2K + 1 blur weights."""
-    return COL_WEIGHTS + 2 * blur_radius(recipe.blur_sigma_max) + 1
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -75,7 +61,7 @@ def _per_image(v: Tensor, x: Tensor, dtype: torch.dtype = torch.float64) -> Tens
 
 
 def _gray(x: Tensor) -> Tensor:
-    """augment._gray in float32: ((r * 0.2989 + g * 0.587) + b * 0.114), [B, H, W]."""
+    """grayscale.luma in float32: ((r * 0.2989 + g * 0.587) + b * 0.114), [B, H, W]."""
     y = x[..., 0].float() * _GR
     y = y + x[..., 1].float() * _GG
     return y + x[..., 2].float() * _GB
@@ -87,7 +73,7 @@ def _to_u8(y: Tensor) -> Tensor:
 
 
 def _blend(x: Tensor, f: Tensor, g: Tensor) -> Tensor:
-    """augment._blend_lut's entries computed per pixel: trunc(clamp(x * f + g)), f and g float32."""
+    """jitter._blend_lut's entries computed per pixel: trunc(clamp(x * f + g)), f and g float32."""
     y = x.float() * f
     return _to_u8(y + g)
 
@@ -96,7 +82,7 @@ def _blend(x: Tensor, f: Tensor, g: Tensor) -> Tensor:
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """augment.adjust_brightness: trunc(clamp(x * f)).
+    """jitter.adjust_brightness: trunc(clamp(x * f)).
 
     The kernel also adds g = 0.0 * (1 - f), which is +-0.0: adding it changes no sum that is not zero, and a
     zero one clamps to 0 either way, so it is left out.
@@ -105,7 +91,7 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """augment.adjust_contrast: blend with the mean of the floored gray image (int64 sum, float64 mean)."""
+    """jitter.adjust_contrast: blend with the mean of the floored gray image (int64 sum, float64 mean)."""
     total = _gray(x).to(torch.int64).sum(dim=(1, 2)).to(torch.float64)
     # Divide by a tensor, not a Python int: CUDA turns division by a scalar into a reciprocal multiplication.
     mean = (total / torch.full_like(total, x.shape[1] * x.shape[2])).to(torch.float32)
@@ -115,14 +101,14 @@ def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """augment.adjust_saturation: blend each pixel with its own floored gray value."""
+    """jitter.adjust_saturation: blend each pixel with its own floored gray value."""
     factor = factor.to(x.device, torch.float64)
     gray = _gray(x).trunc() * (1.0 - factor).to(torch.float32).reshape(-1, 1, 1)
     return _blend(x, _per_image(factor, x, torch.float32), gray.unsqueeze(-1))
 
 
 def adjust_hue(x: Tensor, hue_factor: Tensor) -> Tensor:
-    """augment.adjust_hue: RGB -> HSV, h = (h + factor) mod 1, HSV -> RGB, each float32 step as the kernel."""
+    """jitter.adjust_hue: RGB -> HSV, h = (h + factor) mod 1, HSV -> RGB, each float32 step as the kernel."""
     shift = hue_factor.to(x.device, torch.float64).to(torch.float32).reshape(-1, 1, 1)
     r = x[..., 0].float() * _INV255
     g = x[..., 1].float() * _INV255
@@ -162,12 +148,12 @@ def adjust_hue(x: Tensor, hue_factor: Tensor) -> Tensor:
 
 
 def to_grayscale(x: Tensor) -> Tensor:
-    """augment.to_grayscale: the truncated luma in all three channels."""
+    """grayscale.to_grayscale: the truncated luma in all three channels."""
     return _gray(x).to(torch.uint8).unsqueeze(-1).expand(*x.shape).contiguous()
 
 
 def solarize(x: Tensor, threshold: int) -> Tensor:
-    """augment.solarize: values >= threshold become 255 - value (threshold 256 changes nothing)."""
+    """solarize.solarize: values >= threshold become 255 - value (threshold 256 changes nothing)."""
     level = math.ceil(threshold)  # v >= threshold for an integer v, a threshold that fits in the comparison
     if level > 255:
         return x.clone(memory_format=torch.contiguous_format)
@@ -178,7 +164,7 @@ def solarize(x: Tensor, threshold: int) -> Tensor:
 
 
 def _reflect_index(n: int, k: int, device: torch.device) -> Tensor:
-    """augment._reflect(i, n) for i in -k .. n + k - 1 (torch's 'reflect': no edge repeat).
+    """blur._reflect(i, n) for i in -k .. n + k - 1 (torch's 'reflect': no edge repeat).
 
     Indices that one reflection cannot bring inside (k >= n) are clamped: numba clips the radius to n - 1, so
     those taps have weight 0 and only need to read some finite pixel.
@@ -189,7 +175,7 @@ def _reflect_index(n: int, k: int, device: torch.device) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, weights: Tensor) -> Tensor:
-    """augment.gaussian_blur with each image's own kernel: ``weights`` float32 [B, 2K + 1], centred at K.
+    """blur.gaussian_blur with each image's own kernel: ``weights`` float32 [B, 2K + 1], centred at K.
 
     Like the kernel: a row pass into float32, then a column pass, each summing the taps one after another
     from the leftmost (top) tap, then rint, clamp, uint8. An image whose radius r < K has zero weights outside
@@ -248,7 +234,7 @@ def _apply(out: Tensor, count: int, rows: Tensor, fn: Callable[..., Tensor], *ar
 
 
 def color_jitter(x: Tensor, order: Tensor, factors: Tensor, recipe: ViewRecipe) -> Tensor:
-    """augment.color_jitter per image: ``order`` int [B, 4] (each row a permutation of 0..3), ``factors`` float64
+    """jitter.color_jitter per image: ``order`` int [B, 4] (each row a permutation of 0..3), ``factors`` float64
     [B, 4]; brightness, contrast, saturation, hue whose strength in ``recipe`` is 0 are skipped."""
     plan = _jitter_plan(torch.arange(x.shape[0]), order.cpu().long(), recipe)
     factors = factors.to(x.device, torch.float64)

@@ -16,8 +16,12 @@ replaces ``Compiler.compile`` (data.augment, which every loader imports, install
   captures get their qualified names as UUIDs instead (``name_kernels``), and a stage whose cells hold any
   other dispatcher is not cached. numba itself declines to cache what calls C through ctypes (the JPEG
   decoders and FFCV's crop), and code FFCV generates with ``exec`` (a stage's glue) has no file: those still
-  compile in every process. A cache entry is dropped when its file changes; the kernels named here live in
-  the file that defines the stages calling them (data/augment.py), so editing one drops both.
+  compile in every process.
+- One source stamp for data/augment.py and data/ops/. numba drops a cache entry when the file that defines
+  the function changes, yet the entry holds the compiled code of every function it calls: a stage cached
+  before an edit to a kernel in another file kept running the old kernel. So every function of those files
+  is stamped with all of them (``_Together``): editing one recompiles them all, as when they were
+  one file.
 - One compiled stage per distinct stage and process, named by its content. numba names a function's
   symbols after its qualified name, its argument types and a counter of the process that compiled it, and a
   cached entry keeps the compiling process's counter. LLVM's engine resolves a symbol to the first module
@@ -33,13 +37,16 @@ replaces ``Compiler.compile`` (data.augment, which every loader imports, install
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import types
 import warnings
+from pathlib import Path
 
 from ffcv.pipeline.compiler import Compiler
 from numba import njit
+from numba.core.caching import CacheImpl, InTreeCacheLocator, UserProvidedCacheLocator
 from numba.core.errors import NumbaWarning
 from numba.core.registry import CPUDispatcher
 from numba.core.serialize import dumps
@@ -50,6 +57,36 @@ warnings.filterwarnings("ignore", message="Cannot cache compiled function", cate
 _NAMED: set[str] = set()  # UUIDs given here, the same in every process
 _STAGES: dict[tuple, CPUDispatcher] = {}  # a cachable stage's digest and options -> its one dispatcher
 _STAGES_LOCK = threading.Lock()
+
+_HERE = Path(__file__).resolve().parent
+_TOGETHER = frozenset([_HERE / "augment.py", *(_HERE / "ops").glob("*.py")])  # call one another's functions
+
+
+@functools.cache
+def _together_stamp() -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_TOGETHER))).hexdigest()
+
+
+class _Together:
+    """A numba cache locator for the functions of ``_TOGETHER``, stamped with all of its files."""
+
+    def get_source_stamp(self):
+        return _together_stamp()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        return super().from_function(py_func, py_file) if Path(py_file).resolve() in _TOGETHER else None
+
+
+class _TogetherUserDir(_Together, UserProvidedCacheLocator):  # NUMBA_CACHE_DIR, where set (bench/soak.py --cold)
+    pass
+
+
+class _TogetherInTree(_Together, InTreeCacheLocator):  # else beside the source
+    pass
+
+
+CacheImpl._locator_classes[:0] = [_TogetherUserDir, _TogetherInTree]  # tried before numba's own, in their order
 
 
 def name_kernels(namespace: dict) -> None:

@@ -27,9 +27,11 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from data import augment as A
 from data.convert import read_metadata
-from data.device_augment import apply_view, params_width
+from data.device_augment import apply_view
 from data.loader_thread import GuardedLoader
 from data.normalize import DeviceNormalize
+from data.ops import params_width, recipe_ops
+from data.ops.crop import SeededRandomResizedCrops
 from data.recipes import MOCO_V3_VIEWS, ViewRecipe, views_for
 
 __all__ = ["MOCO_V3_VIEWS", "ViewRecipe", "eval_loader", "ssl_loader", "view_ops", "views_for"]
@@ -106,27 +108,15 @@ def _check_args(path: Path, meta: dict, batch_size: int, resolution: int, indice
 
 
 def view_ops(recipe: ViewRecipe, view: int, colour: bool = True) -> list[Operation]:
-    """The seeded uint8 operations of view ``view`` (0-based) after its crop, in ViewRecipe's order; ops with
-    p = 0 are left out, and with ``colour=False`` all but the flip (the device does them: ViewParams).
+    """The seeded uint8 operations of view ``view`` (0-based) after its crop, in ViewRecipe's order; ops the
+    recipe turns off are left out, and with ``colour=False`` those the device runs (the ops with params
+    columns: ViewParams).
 
     Fresh operation objects every call: FFCV keys graph nodes by operation instance. ``view`` salts every
     random draw, so two views of one image differ and each is a pure function of (seed, epoch, sample index,
     view): see data/augment.py.
     """
-    r, ops = recipe, []
-    if r.flip_p > 0:
-        ops.append(A.RandomFlip(view, r.flip_p))
-    if not colour:
-        return ops
-    if r.jitter_p > 0 and max(r.brightness, r.contrast, r.saturation, r.hue) > 0:
-        ops.append(A.RandomColorJitter(view, r.jitter_p, r.brightness, r.contrast, r.saturation, r.hue))
-    if r.grayscale_p > 0:
-        ops.append(A.RandomGrayscale(view, r.grayscale_p))
-    if r.blur_p > 0:
-        ops.append(A.RandomGaussianBlur(view, r.blur_p, r.blur_sigma_min, r.blur_sigma_max))
-    if r.solarize_p > 0:
-        ops.append(A.RandomSolarize(view, r.solarize_p, r.solarize_threshold))
-    return ops
+    return [A.SeededOperation(op, view, args) for op, args in recipe_ops(recipe) if colour or not op.columns]
 
 
 def _on_device(device: torch.device, device_ops: bool | None) -> bool:
@@ -168,17 +158,16 @@ def ssl_loader(path: Path, *, batch_size: int, views: Sequence[ViewRecipe] = MOC
     device = torch.device(device)  # FFCV's graph reads device.type, so a plain string breaks it
     on_device = _on_device(device, device_ops)
 
-    crops = A.SeededRandomResizedCrops((resolution, resolution),
-                                       [((r.crop_min, r.crop_max), (r.ratio_min, r.ratio_max)) for r in views])
+    crops = SeededRandomResizedCrops((resolution, resolution), views)
     ops = [crops, *(op for v, recipe in enumerate(views) for op in view_ops(recipe, v, colour=not on_device))]
     ops += [ToTensor(), *_to_device(device)] if on_device else [A.Normalize(meta["mean"], meta["std"]), ToTensor()]
     # FFCV 1.0.2 outputs the file's own fields first (image, label), then extra pipelines in insertion
     # order. Disabling "label" and re-adding it last as "target" puts the label after the views.
     pipelines: dict[str, list[Operation] | PipelineSpec | None] = {"image": ops, "label": None}
-    if on_device:  # the colour choices: a "decoder" of the label field that reads only the sample indices,
-        # its output kept on the host, where device_augment reads the choices without a device sync
-        pipelines["view_params"] = PipelineSpec("label", decoder=A.ViewParams(views, resolution),
-                                                transforms=[ToTensor()])
+    if on_device:  # the colour choices: after a decoder of the label field (ViewParams reads only the sample
+        # indices), kept on the host, where device_augment reads the choices without a device sync
+        pipelines["view_params"] = PipelineSpec("label", decoder=IntDecoder(),
+                                                transforms=[A.ViewParams(views, resolution), ToTensor()])
     pipelines["target"] = PipelineSpec("label", decoder=IntDecoder(), transforms=_label_ops(device))
     loader = ViewLoader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.RANDOM,
                         seed=seed, distributed=distributed, indices=indices, pipelines=pipelines,

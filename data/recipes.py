@@ -20,7 +20,8 @@ class ViewRecipe:
     -> RandomApply(GaussianBlur(sigma ~ U(blur_sigma_min, blur_sigma_max)), blur_p)
     -> RandomApply(Solarize(solarize_threshold), solarize_p) -> normalise.
 
-    The defaults are crop + flip only (every other op off); see ``views_for`` for the methods' recipes.
+    The defaults are crop + flip only (every other op off); see ``views_for`` for the methods' recipes. Each
+    op is a file of data/ops/, listed there in this order, which reads its fields here (its ``args``).
     """
 
     crop_min: float = 0.08  # RandomResizedCrop scale=(crop_min, crop_max); 0.08 for ViT in MoCo v3

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,14 @@ class Param:
         if self.kind == "log1m":
             return {self.name: 1.0 - trial.suggest_float(f"1-{self.name}", 1.0 - high, 1.0 - low, log=True)}
         return {self.name: trial.suggest_float(self.name, low, high, log=self.kind == "log")}
+
+    def count(self) -> int | None:
+        """How many values this parameter (with the branches its values open) can take; None if continuous."""
+        if self.kind == "choice":
+            branches = dict(self.when)
+            counts = [size(branches.get(v, ())) for v in self.args]
+            return None if None in counts else sum(counts)
+        return self.args[1] - self.args[0] + 1 if self.kind == "int" else None
 
     def flat(self) -> list[Param]:
         """This parameter and those of its branches."""
@@ -106,6 +114,17 @@ def parse_space(space: dict, where: str = "space") -> list[Param]:
         raise SpaceError(f"{where}: expected a non-empty mapping of option -> distribution, got {space!r}")
     # a copy: parsing pops "when" from the entries
     return [_parse_one(str(name), dict(e) if isinstance(e, dict) else e, where) for name, e in space.items()]
+
+
+def size(params: Sequence[Param]) -> int | None:
+    """How many distinct configurations ``params`` span (the product of their counts); None if any is
+    continuous."""
+    n = 1
+    for p in params:
+        if (k := p.count()) is None:
+            return None
+        n *= k
+    return n
 
 
 def flatten(params: list[Param]) -> list[Param]:

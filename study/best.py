@@ -20,12 +20,15 @@ def finite(value) -> bool:
     return math.isfinite(number(value))
 
 
-def best_trial(rows: Iterable[dict], metric: str, mode: str, *, completed_first: bool = True) -> dict | None:
-    """The row with the best finite ``metric`` (``mode`` "max" or "min"); with ``completed_first``, among the
-    rows whose ``status`` is "completed" when there is one. None when no row has a finite value."""
+def ranked(rows: Iterable[dict], metric: str, mode: str, *, completed_first: bool = True) -> list[dict]:
+    """The rows with a finite ``metric``, best first (``mode`` "max" or "min"; ties keep the rows' order); with
+    ``completed_first``, only the rows whose ``status`` is "completed" when there is one."""
     scored = [r for r in rows if finite(r.get(metric))]
     if completed_first:
         scored = [r for r in scored if r.get("status") == "completed"] or scored
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda r: number(r[metric]))
+    return sorted(scored, key=lambda r: number(r[metric]), reverse=mode == "max")  # stable, also reversed
+
+
+def best_trial(rows: Iterable[dict], metric: str, mode: str, *, completed_first: bool = True) -> dict | None:
+    """The row with the best finite ``metric`` (:func:`ranked`'s first); None when no row has a finite value."""
+    return next(iter(ranked(rows, metric, mode, completed_first=completed_first)), None)

@@ -5,6 +5,8 @@
     ssl-study extend NAME --trials N                           add trials, warm-started from the Optuna storage
     ssl-study status NAME                                      trials by status, best so far, running ones
     ssl-study best NAME                                        config, metrics and checkpoint of the best trial
+    ssl-study evaluate NAME [--top K] [--protocol linear|knn] [--epochs N]   the K best trials' backbones, frozen:
+                                                               linear probe or full kNN (evaluations table)
     ssl-study results NAME|ROOT [--where EXPR] [--sort COL] [--columns ...] [--format table|csv|json|parquet]
     ssl-study report NAME [--params A B]                       PNG figures and an HTML page of the results
     ssl-study submit SPEC --address http://HEAD:8265           run a study on a cluster as a Ray Job
@@ -36,7 +38,7 @@ from study import DEFAULT_STUDY, results
 from study.best import best_trial
 from study.console import format_table
 from study.errors import QueryError, SpecError
-from study.results.schema import SUMMARY_COLUMNS
+from study.results.schema import ALL_TABLES, SUMMARY_COLUMNS
 
 if TYPE_CHECKING:
     from study.spec import StudySpec
@@ -104,6 +106,8 @@ def describe(spec: StudySpec, address: str | None) -> str:
         f"  scheduler: {spec.scheduler.type}" + (f" (grace {spec.scheduler.grace_period} epochs, reduction "
                                                  f"{spec.scheduler.reduction_factor})"
                                                  if spec.scheduler.type == "asha" else ""),
+        *([f"  evaluate: the {spec.evaluate.top} best trials at the end, {_protocol(spec.evaluate)}"]
+          if spec.evaluate else []),
         f"  stopping: {spec.stopping.mode} (grace {spec.stopping.grace_epochs} epochs, false alarms "
         f"{spec.stopping.alpha:g} per epoch and detector; spikes > {spec.stopping.spike_threshold:g}x median, at "
         f"most {spec.stopping.max_spikes} episodes and {spec.stopping.max_dips} dense dips per epoch, kNN drop "
@@ -116,10 +120,22 @@ def describe(spec: StudySpec, address: str | None) -> str:
     ])
 
 
+def _protocol(ev) -> str:
+    if ev.protocol == "knn":
+        return "weighted kNN at k 20 and 200"
+    return f"linear probe ({ev.epochs} epochs, batch {ev.batch_size})"
+
+
 def print_summary(spec: StudySpec, trials) -> None:
+    from study import evaluate
+
     columns = ["trial_id", SUMMARY_COLUMNS[0], *(p.name for p in spec.params), *SUMMARY_COLUMNS[1:]]
     print(f"\n{format_table(trials, columns)}\n")
-    print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events)")
+    evaluations = evaluate.read_rows(spec.study_dir)
+    for trial_id in dict.fromkeys(r["trial_id"] for r in evaluations):
+        print(f"evaluated {trial_id}: {evaluate.describe(evaluate.of_trial(evaluations, trial_id))}")
+    print(f"Parquet results: {spec.study_dir / 'results'} (trials, epochs, events"
+          f"{', evaluations' if evaluations else ''})")
     print(f"Optuna storage:  {spec.optuna_url}")
 
 
@@ -191,6 +207,10 @@ def status(args: argparse.Namespace) -> int:
     if best := _best(spec, rows):
         print(f"  best {spec.search.metric}: {best[spec.search.metric]:.4g} (trial {best['trial_id']}, "
               f"{best['status']}, epoch {best['epochs_done']})")
+        from study import evaluate
+
+        if evaluated := evaluate.of_trial(evaluate.read_rows(spec.study_dir), best["trial_id"]):
+            print(f"  evaluated {best['trial_id']}: {evaluate.describe(evaluated)}")
     results_file = spec.study_dir / "results" / "trials.parquet"
     for r in rows:
         if r["status"] == "running":
@@ -202,7 +222,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def best(args: argparse.Namespace) -> int:
-    from study import runner
+    from study import evaluate, runner
     from trainers.config import TrainConfig
 
     spec = runner.open_study(args.name, args.storage)
@@ -213,6 +233,9 @@ def best(args: argparse.Namespace) -> int:
         return 1
     params = {p.name: row.get(p.name) for p in spec.params}
     export = store.location(row["checkpoint"]) / "backbone.safetensors" if row["checkpoint"] else None
+    evaluated = [{"protocol": r["protocol"], "settings": json.loads(r["settings"]),
+                  **{k: r[k] for k in ("top1", "top5", "seconds", "evaluated_at")}}
+                 for r in evaluate.of_trial(evaluate.read_rows(spec.study_dir), row["trial_id"])]
     print(json.dumps({
         "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
         "config": spec.train_config({k: v for k, v in params.items()
@@ -220,8 +243,23 @@ def best(args: argparse.Namespace) -> int:
         "metrics": {k: row[k] for k in SUMMARY_COLUMNS if k not in ("status", "verdict", "time_total_s")},
         "checkpoint": row["checkpoint"],
         "backbone": str(export) if export and export.exists() else None,
+        **({"evaluations": evaluated} if evaluated else {}),
     }, indent=2, default=str))
     return 0
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from study import evaluate, runner
+    from study.spec import Evaluate
+
+    if args.base_lr is not None and not args.base_lr > 0:
+        raise SpecError(f"--base-lr: must be > 0, got {args.base_lr:g}")
+    ev = Evaluate(top=args.top, protocol=args.protocol, epochs=args.epochs, batch_size=args.batch_size,
+                  base_lr=args.base_lr, train_subset=args.train_subset)
+    spec = runner.open_study(args.name, args.storage)
+    jobs, failed = runner.evaluate_study(spec, ev, address=args.address, verbose=args.verbose)
+    print(f"\n{format_table(evaluate.table_of(spec, jobs), ['trial_id', *evaluate.SHOWN])}")
+    return 1 if failed else 0
 
 
 def results_cmd(args: argparse.Namespace) -> int:
@@ -364,8 +402,29 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
         verbose(sp)
     named("status", "trials by status, best so far, running trials").set_defaults(func=status)
     named("best", "the best trial: config, metrics, checkpoint").set_defaults(func=best)
+    vp = named("evaluate", "evaluate the best trials' exported backbones, frozen: linear probe or kNN")
+    if command == "evaluate":  # its defaults live in study/spec.py, which imports what --help need not
+        from study.spec import PROTOCOLS, Evaluate
+
+        d = Evaluate()
+        vp.add_argument("--top", type=_at_least(1), default=d.top, help=f"the K best completed trials (default "
+                                                                          f"{d.top})")
+        vp.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                        help="linear: the paper's linear probe; knn: weighted kNN at k 20 and 200 on the whole test "
+                             f"split (default {d.protocol})")
+        vp.add_argument("--epochs", type=_at_least(1), default=d.epochs,
+                        help=f"linear probe epochs (default {d.epochs}, the paper's)")
+        vp.add_argument("--batch-size", type=_at_least(1), default=d.batch_size,
+                        help=f"linear probe batch; lr = base lr x batch / 256 (default {d.batch_size})")
+        vp.add_argument("--base-lr", type=float, default=d.base_lr,
+                        help="linear probe base lr (default 3.0 for a ViT, 0.1 for a ResNet: the paper's)")
+        vp.add_argument("--train-subset", type=_at_least(1), default=d.train_subset,
+                        help="probe training images, kNN bank: a fixed subset of the train split (default: all)")
+        vp.add_argument("--address", default=None, help="the Ray cluster to run on (default: a local Ray)")
+        verbose(vp)
+    vp.set_defaults(func=evaluate_cmd)
     qp = named("results", "query results tables (one study, or every study under a root)")
-    qp.add_argument("--table", choices=("trials", "epochs", "events"), default="trials")
+    qp.add_argument("--table", choices=ALL_TABLES, default="trials")
     qp.add_argument("--where", help="filter, e.g. \"status == 'completed' and base_lr > 1e-3\"")
     qp.add_argument("--sort", help="column to sort by (--sort=-col or --desc: descending)")
     qp.add_argument("--desc", action="store_true", help="sort descending")

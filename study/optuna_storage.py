@@ -94,6 +94,12 @@ def driver_url(url: str) -> str:
     return "postgresql+psycopg2://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
+def dashboard_argument(url: str) -> str:
+    """What to give ``optuna-dashboard`` to open the storage at ``url``: a journal file by its path (the dashboard
+    takes an existing file for a journal), a database by its URL with the project's driver (``driver_url``)."""
+    return url[len(JOURNAL_SCHEME):] if url.startswith(JOURNAL_SCHEME) else driver_url(url)
+
+
 def _url_where(target: Study | str) -> tuple[str, str]:
     """The storage URL of ``target`` (a study or a URL) and the key to name in errors."""
     if isinstance(target, str):

@@ -88,6 +88,12 @@ class Record:
                                           _detected={})
         return self._detected[key]
 
+    def without_traces(self) -> Record:
+        """What a replaying trial needs: the traces (5 MB pickled in the first record, 0.1 s to load) stay with
+        the driver, which recomputes the detectors from them (:meth:`with_detectors`)."""
+        runs = {cell: [replace(run, trace=[]) for run in rs] for cell, rs in self.runs.items()}
+        return replace(self, runs=runs, _detected={})
+
     def cell(self, config: dict) -> tuple:
         return tuple(config[a] for a in self.axes)
 
@@ -196,14 +202,17 @@ TEST_IMAGES = {"fashion_mnist": 10_000, "mnist": 10_000}  # a record's epoch kNN
 
 
 def _traces(tables: Path, trials: list[dict]) -> dict[tuple, list[dict]]:
-    """Every run's per-step trace by (study, trial_id): a record's ``traces.parquet``, or the ``trace.parquet``
-    beside each trial's last checkpoint in a study directory."""
+    """Every run's per-step trace by (study, trial_id): a record's ``traces.parquet`` or its file per run under
+    ``traces/`` (bench/record_runs.py), or the ``trace.parquet`` beside each trial's last checkpoint in a study
+    directory."""
     import pyarrow.parquet as pq
 
-    if (tables / "traces.parquet").is_file():
+    found = sorted(tables.glob("traces/*.parquet")) + [p for p in [tables / "traces.parquet"] if p.is_file()]
+    if found:
         out: dict[tuple, list[dict]] = {}
-        for row in pq.read_table(tables / "traces.parquet").to_pylist():
-            out.setdefault((row.pop("study"), row.pop("trial_id")), []).append(row)
+        for path in found:
+            for row in pq.read_table(path).to_pylist():
+                out.setdefault((row.pop("study"), row.pop("trial_id")), []).append(row)
     else:
         out = {(t["study"], t["trial_id"]): pq.read_table(Path(t["checkpoint"]) / "trace.parquet").to_pylist()
                for t in trials if t.get("checkpoint") and (Path(t["checkpoint"]) / "trace.parquet").is_file()}
@@ -466,7 +475,7 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         spec = replay_spec(record, strategy, trials, seed, Path(out).resolve().parent if out else Path(root))
         if out:
             spec = replace(spec, name=Path(out).name)
-        played = record.with_detectors(spec.stopping)
+        played = record.with_detectors(spec.stopping).without_traces()
         run = runner.tune.with_parameters(replay_trial, record=played, policy=spec.stopping, seed=seed,
                                           pauses=strategy.scheduler == "hyperband")
         run = runner.tune.with_resources(run, {"CPU": 0.01})

@@ -37,15 +37,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandForBOHB
 from data import store
 from data.datasets import prepare
 from data.store import ObjectPath, check_writable, is_remote, location
-from search_spaces import define_by_run
-from study import results
+from search_spaces import define_by_run, size
+from study import evaluate, results
 from study.cluster import connect, ray_logs_dir
+from study.console import say
 from study.mirror import Mirror, pull
 from study.optuna_storage import check_storage, open_storage
 from study.progress import ProgressLine
 from study.results.writer import ResultsWriter
 from study.search import StudySearch, close_orphans, sampler
-from study.spec import SpecError, StudySpec, load_spec, snapshot, with_default_storage
+from study.spec import Evaluate, SpecError, StudySpec, load_spec, snapshot, with_default_storage
 from trainers.config import TrainConfig
 from trainers.worker import train_loop_per_worker
 
@@ -194,7 +195,8 @@ def build_search(spec: StudySpec, storage: optuna.storages.BaseStorage | None = 
                        sampler=sampler(spec), study_name=spec.name,
                        storage=storage or open_storage(spec),
                        epochs=spec.train_config().epochs, constraints=spec.search.constraints,
-                       rerun_duplicates=spec.search.rerun_duplicates, spec=None if storage else spec)
+                       rerun_duplicates=spec.search.rerun_duplicates, space_size=size(spec.params),
+                       spec=None if storage else spec)
 
 
 def build_scheduler(spec: StudySpec):
@@ -286,6 +288,7 @@ def run_study(spec: StudySpec, address: str | None = None, verbose: bool = True)
         data_paths = prepare_data(spec)
         save_spec(spec)
         build_tuner(spec, data_paths, max_concurrent=max_concurrent).fit()
+        evaluate_at_end(spec, data_paths)
     return results.open(spec.study_dir).table()
 
 
@@ -303,6 +306,7 @@ def resume_study(spec: StudySpec, address: str | None = None, verbose: bool = Tr
         data_paths = prepare_data(spec)
         tune.Tuner.restore(str(found[-1]), trainable(spec, data_paths), resume_unfinished=True,
                            resume_errored=True).fit()
+        evaluate_at_end(spec, data_paths)
     close_orphans(spec, spec.name)
     return results.open(spec.study_dir).table()
 
@@ -322,4 +326,35 @@ def extend_study(spec: StudySpec, trials: int, address: str | None = None, verbo
     with connect(spec, address, verbose) as max_concurrent:
         data_paths = prepare_data(spec)
         build_tuner(spec, data_paths, experiment=f"tune-{len(found) + 1}", max_concurrent=max_concurrent).fit()
+        evaluate_at_end(spec, data_paths)
     return results.open(spec.study_dir).table()
+
+
+def evaluate_at_end(spec: StudySpec, data_paths: dict[str, str]) -> None:
+    """The study file's ``evaluate:`` on the Ray the study ran on, when its trials ended: what the table lacks of
+    the best completed trials (fewer than ``evaluate.top``: those there are; none: said, and nothing run)."""
+    if spec.evaluate is None:
+        return
+    try:
+        jobs = evaluate.pending(spec, evaluate.plan(spec, spec.evaluate, strict=False))
+    except SpecError as e:  # the study ran: say why nothing is evaluated rather than fail it
+        say(f"evaluate: nothing evaluated: {e}")
+        return
+    evaluate.run(spec, jobs, data_paths)
+
+
+def evaluate_study(spec: StudySpec, ev: Evaluate, address: str | None = None,
+                   verbose: bool = True) -> tuple[list[evaluate.Job], list[str]]:
+    """``ssl-study evaluate``: the evaluations of the ``ev.top`` best trials that the table lacks, run on a local
+    Ray or the cluster at ``address``; returns every planned job and the trial ids that failed. Bad input is a
+    SpecError before Ray starts, and nothing starts when every evaluation is in the table already."""
+    jobs = evaluate.plan(spec, ev)
+    todo = evaluate.pending(spec, jobs)
+    say(f"evaluate {spec.name}: {ev.protocol} on the {len(jobs)} best trial{'s' * (len(jobs) != 1)}; "
+        + (f"{len(jobs) - len(todo)} already in {spec.study_dir / 'results' / 'evaluations.parquet'}"
+           if len(todo) < len(jobs) else "none evaluated yet"))
+    if not todo:
+        return jobs, []
+    check_locations(spec)
+    with connect(spec, address, verbose):
+        return jobs, evaluate.run(spec, todo, prepare_data(spec))

@@ -29,6 +29,7 @@ METRICS = ("knn_top1", "loss", "rankme")  # rankme: label-free (trainers/rankme.
 SAMPLERS = ("tpe", "random", "grid")
 STARTUPS = ("random", "sobol")
 SCHEDULERS = ("asha", "hyperband", "fifo")
+PROTOCOLS = ("linear", "knn")  # study/evaluate.py
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,21 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class Evaluate:
+    """``evaluate:`` (and ``ssl-study evaluate``): the ``top`` best completed trials' exported backbones, frozen,
+    evaluated by ``protocol`` (study/evaluate.py) at the end of the study."""
+
+    top: int = 3
+    protocol: str = "linear"  # linear: the paper's linear probe; knn: weighted kNN at k 20 and 200
+    epochs: int = 90  # the linear probe's (the paper's 90)
+    batch_size: int = 1024  # the linear probe's global batch (the official code's); lr = base_lr x batch / 256
+    base_lr: float | None = None  # the linear probe's; None: the paper's, 3.0 for a ViT, 0.1 for a ResNet
+    # probe training images and kNN bank: a fixed random subset of the train split (None: all of it; the test
+    # split is always whole)
+    train_subset: int | None = None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str = "study"
     preset: str | None = None  # a paper study from search_spaces/presets.py; this file's keys override it
@@ -95,6 +111,7 @@ class StudySpec:
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
     stopping: StopPolicy = field(default_factory=StopPolicy)  # instability policy (trainers/policy.py)
+    evaluate: Evaluate | None = None  # the best trials evaluated at the end (study/evaluate.py); None: not
     source: str = ""  # the file this spec came from (set by the loader)
 
     @property
@@ -290,6 +307,15 @@ def validate(spec: StudySpec) -> StudySpec:
     if spec.scheduler.reduction_factor < 2:
         raise SpecError(f"{src}: scheduler.reduction_factor: must be >= 2 (a rung keeps 1 / reduction_factor of its "
                         f"trials), got {spec.scheduler.reduction_factor}")
+    if spec.evaluate is not None:
+        ev = spec.evaluate
+        _one_of(ev.protocol, PROTOCOLS, f"{src}: evaluate.protocol")
+        for key in ("top", "epochs", "batch_size", "base_lr", "train_subset"):
+            if getattr(ev, key) is not None:
+                _check_positive(getattr(ev, key), f"{src}: evaluate.{key}")
+        if not cfg.export:
+            raise SpecError(f"{src}: evaluate: needs the trials' exported backbones, but train.export is false; "
+                            f"set train.export: true or remove evaluate")
     if not spec.name or "/" in spec.name:
         raise SpecError(f"{src}: name: {spec.name!r} must be a non-empty name without '/'")
     return spec

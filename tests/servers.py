@@ -136,13 +136,19 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+RUN_MARK = "SSL_STUDY_TEST_RUN"  # set by conftest.py before any Ray starts; every process the tests start inherits
+# it (Ray's workers included), so a kill never reaches another checkout's Ray on the same machine
+
+
 def pids_naming(text: str) -> list[int]:
-    """PIDs (not this process) whose command line contains ``text``."""
+    """PIDs (not this process) whose command line contains ``text``, of this test run only (its RUN_MARK)."""
+    mark = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode() if RUN_MARK in os.environ else b""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if (text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        and mark in (proc / "environ").read_bytes()):
                     pids.append(int(proc.name))
             except OSError:
                 pass

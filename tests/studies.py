@@ -1,6 +1,8 @@
 """Helpers for the tests that run real studies: a study file written to a temporary root, a local Ray, and the
 stopping studies that several modules read (run once per session by ``conftest.stopping_studies``)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 
@@ -48,11 +50,35 @@ def stopping_study(root: Path, name: str, space: dict, mode: str) -> StudySpec:
     }, data_dir=ROOT / "datasets")
 
 
-def run_studies(*specs: StudySpec) -> None:
-    """Run each study to the end on a 2-CPU local Ray, shut down afterwards."""
+LR_RANGE = (1.0e-5, 1.0e-2)  # three decades: the report's scatter needs its log axis to tell the trials apart
+
+
+def lr_study(root: Path) -> StudySpec:
+    """The bundled study's shape at test size: base_lr searched on a log range, 2 one-epoch 1-worker trials at
+    once, its Optuna study in a journal file (the stopping studies keep the SQLite default)."""
+    return write_study(root, {
+        "name": "lr-range",
+        "train": {**STOPPING_TRAIN, "epochs": 1, "train_subset": 256, "knn_bank_subset": 128,
+                  "knn_eval_subset": 128, "monitor_every": 2},
+        "resources": {"workers": 1, "cpus_per_worker": 0.9, "driver_cpus": 0.1},
+        "search": {"space": {"base_lr": {"log": list(LR_RANGE)}}, "num_samples": 2, "max_concurrent": 2,
+                   "seed": 0, "storage": "journal"},
+        "scheduler": {"type": "fifo"},
+    }, data_dir=ROOT / "datasets")
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A 2-CPU local Ray for the block, shut down at its end."""
     cluster.start_ray(None, num_cpus=2, object_store_memory=256 * 2**20)
     try:
-        for spec in specs:
-            runner.run_study(spec)
+        yield
     finally:
         ray.shutdown()
+
+
+def run_studies(*specs: StudySpec) -> None:
+    """Run each study to the end on a 2-CPU local Ray, shut down afterwards."""
+    with local_ray():
+        for spec in specs:
+            runner.run_study(spec)

@@ -1,4 +1,4 @@
-"""data/augment.py: each numba kernel against torchvision.transforms.v2.functional on the same uint8 image with the
+"""data/ops/: each numba kernel against torchvision.transforms.v2.functional on the same uint8 image with the
 same parameters, and the seeded random draws.
 
 Tolerance: max |difference| <= 1 grey level per pixel (``TOL``). The kernels repeat torchvision's float32
@@ -10,12 +10,12 @@ one. Solarize, flip and grayscale are exact.
 
 from __future__ import annotations
 
+import augment_kernels as A
 import numpy as np
 import pytest
 import torch
 
 import trainers  # noqa: F401  (the torchvision shim, before torchvision is imported)
-from data import augment as A
 from data.fashion_mnist import load_fashion_mnist
 from data.image_folder import load_image, make_synthetic_folder
 

@@ -1,4 +1,4 @@
-"""data/device_augment.py: each batched torch op against data/augment.py's numba kernel applied image by image,
+"""data/device_augment.py: each batched torch op against its numba kernel in data/ops/ applied image by image,
 with a different random parameter per image. Equality is exact (same uint8 bits), on the CPU and, where one
 is present, on a CUDA device.
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import augment_kernels as A
 import numpy as np
 import pytest
 import torch
 
-from data import augment as A
 from data import device_augment as D
 from data.convert import to_rgb32
 from data.fashion_mnist import load_fashion_mnist
@@ -167,7 +167,7 @@ def test_zero_strength_jitter_ops_are_skipped(batches, device):
 
 
 def _view_params(recipe: ViewRecipe, view: int, indices: np.ndarray, base: np.uint64, h: int, w: int):
-    """params rows drawn as data/augment.py's jitter / grayscale / blur / solarize batch loops draw them, and the
+    """params rows drawn as the jitter / grayscale / blur / solarize batch loops of data/ops/ draw them, and the
     numba reference: those kernels applied per image in the recipe's order with the same decisions."""
     k = D.blur_radius(recipe.blur_sigma_max)
     params = np.zeros((len(indices), D.params_width(recipe)))

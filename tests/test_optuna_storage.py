@@ -24,7 +24,7 @@ from studies import write_study
 from study import cluster
 from study.cli import main
 from study.errors import SpecError
-from study.optuna_storage import check_storage, driver_url, open_storage
+from study.optuna_storage import check_storage, dashboard_argument, driver_url, open_storage
 from study.report.importance import param_importance
 from study.search import close_orphans
 from study.spec import DEFAULT_STUDY, load_spec, with_default_storage
@@ -293,13 +293,6 @@ def test_a_study_on_postgresql_runs_and_is_extended(pg_study, pgenv):
 # ----------------------------------------------------------------------------- optuna-dashboard
 
 
-def dashboard_command(kind: str, url: str) -> str:
-    """What cluster/README.md tells to give optuna-dashboard for each storage."""
-    if kind == "journal":
-        return url.removeprefix("journal://")  # the file itself: the dashboard opens a journal by its path
-    return driver_url(url)  # postgresql+psycopg2://: SQLAlchemy 2.1's plain postgresql:// would ask for psycopg 3
-
-
 @pytest.mark.parametrize("kind", ["postgresql", "journal", "sqlite"])
 def test_optuna_dashboard_opens_what_the_study_wrote(kind, pgenv, tmp_path):
     url, name = storage_url(kind, pgenv, tmp_path), f"dashboard-{kind}"
@@ -307,7 +300,7 @@ def test_optuna_dashboard_opens_what_the_study_wrote(kind, pgenv, tmp_path):
     study.enqueue_trial({"x": 0.25})
     study.optimize(lambda t: 2 * t.suggest_float("x", 0.0, 1.0), n_trials=2)
     port = cluster.free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), dashboard_command(kind, url),
+    server = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), dashboard_argument(url),
                                "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref", "--quiet"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:

@@ -89,3 +89,13 @@ def score(runs: list[list[rp.Ended]]) -> bool:
     """Every replay ends with an answer, spends at most the grid's compute, and says what the answer is worth."""
     return all(e and e[-1].incumbent is not None and e[-1].epochs_used <= 12 and 0.5 <= e[-1].incumbent_truth <= 0.74
                for e in runs)
+
+
+def test_saved_replays_resume_a_race_and_drop_those_of_a_changed_strategy(record, tmp_path, monkeypatch):
+    saved = search.Saved(tmp_path, "synthetic", policy={"spike_z": 4.0})
+    replays = {0: ended(record, [(3, 1e-3), (6, 1e-2)]), 1: ended(record, [(3, 3e-2)])}
+    saved.save("tpe+asha", replays)
+    assert saved.load("tpe+asha") == replays  # cells and incumbents come back as tuples
+    assert saved.load("random") == {}  # never raced
+    monkeypatch.setitem(search.STRATEGIES, "tpe+asha", rp.Strategy("tpe+asha", scheduler="asha", reduction_factor=3))
+    assert saved.load("tpe+asha") == {}  # replayed again: the saved ones ran another strategy

@@ -39,8 +39,9 @@ def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path)
     assert record_runs.record(folder, storage=storage) == []  # nothing left
     trials = pq.read_table(folder / "trials.parquet").to_pylist()
     assert sorted(t["base_lr"] for t in trials) == [1.0e-4, 3.0e-4] and len({t["study"] for t in trials}) == 2
-    traces = pq.read_table(folder / "traces.parquet")
-    assert set(traces.column("trial_id").to_pylist()) == {t["trial_id"] for t in trials}
+    traces = {p.stem: pq.read_table(p) for p in (folder / "traces").glob("*.parquet")}  # a file per run
+    assert {s: set(t.column("trial_id").to_pylist()) for s, t in traces.items()} == {
+        t["study"]: {t["trial_id"]} for t in trials}
     assert sorted(p.name for p in storage.glob("tiny-record-*.yaml")) == ["tiny-record-0000.yaml",
                                                                         "tiny-record-0001.yaml"]
     record = load_record(str(folder))  # what replay and bench/search.py read
@@ -74,3 +75,15 @@ def test_rows_of_a_new_schema_append_to_a_record_of_an_older_one(tmp_path):
     table = pq.read_table(tmp_path / "trials.parquet")
     assert table.column_names == ["study", "trial_id", "knn_dip_count"]
     assert table.column("knn_dip_count").to_pylist() == [1.0, 2.0]
+
+
+def test_a_single_traces_table_is_split_into_a_file_per_run_once(tmp_path):
+    import pyarrow as pa
+
+    legacy = pa.table({"study": ["r-0000", "r-0000", "r-0001"], "trial_id": ["a", "a", "b"], "step": [1, 2, 1]})
+    pq.write_table(legacy, tmp_path / "traces.parquet")
+    new = pa.table({"study": ["r-0002"], "trial_id": ["c"], "step": [1]})
+    record_runs.append(tmp_path, {"traces": new})
+    assert not (tmp_path / "traces.parquet").exists()
+    split = {p.stem: pq.read_table(p).column("step").to_pylist() for p in (tmp_path / "traces").glob("*.parquet")}
+    assert split == {"r-0000": [1, 2], "r-0001": [1], "r-0002": [1]}

@@ -312,3 +312,19 @@ def test_a_configuration_that_already_ran_is_told_its_outcome_not_run_again(loca
                     assert (t.state, t.value) == (twin.state, twin.value)
     assert len(set(cells[False])) == trials  # no configuration ran twice
     assert len(set(cells[True])) < trials  # the same random draws, run as they come, repeat some
+
+
+def test_a_finite_space_runs_each_configuration_then_gives_the_pruned_a_second_run_then_ends(local_ray, record,
+                                                                                             capsys):
+    """ASHA prunes most cells after an epoch, so every cell has run long before the grid's budget is spent: each
+    pruned one then runs once more (ASHA's rungs have filled since) and the search ends, instead of asking TPE
+    again and again for a configuration that has not run."""
+    ended = replay.replay(record, Strategy("tpe+asha", scheduler="asha"), seed=3)
+    cells = len(record.runs)
+    assert sorted(e.cell for e in ended[:cells]) == sorted(record.runs)  # each cell once first
+    first = {e.cell: e.status for e in ended[:cells]}
+    again = [e.cell for e in ended[cells:]]
+    assert again and len(set(again)) == len(again)  # then second runs, one per cell
+    assert set(again) == {c for c, status in first.items() if status == "pruned"}  # of every cell pruned
+    assert ended[-1].epochs_used < cells * record.epochs  # and the search ends with budget left
+    assert "no new trial starts" in capsys.readouterr().out

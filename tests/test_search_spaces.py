@@ -7,7 +7,7 @@ import optuna
 import pytest
 import yaml
 
-from search_spaces import SpaceError, define_by_run, flatten, parse_space
+from search_spaces import SpaceError, define_by_run, flatten, parse_space, size
 from search_spaces.presets import PRESETS
 from study.spec import SpecError, load_spec
 
@@ -141,3 +141,10 @@ def test_a_sobol_start_spreads_the_first_trials_over_every_axis_then_tpe_models(
     assert len({int(8 * math.log(c["base_lr"] / 3e-4) / math.log(10)) for c in random}) < 8  # seed 0 clusters
     again = sample(space, 8, SobolStart(optuna.samplers.TPESampler(seed=0), startup=8, seed=0))
     assert again == start  # seeded
+
+
+def test_size_counts_the_configurations_of_a_finite_space():
+    assert size(parse_space({"a": {"choice": [1, 2, 3]}, "b": {"int": [2, 5]}})) == 12
+    branching = {"opt": {"choice": ["adamw", "lamb"], "when": {"lamb": {"beta": {"choice": [0.9, 0.99]}}}}}
+    assert size(parse_space(branching)) == 3  # adamw, lamb with either beta
+    assert size(parse_space({"a": {"choice": [1, 2]}, "lr": {"log": [1e-4, 1e-2]}})) is None

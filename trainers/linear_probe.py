@@ -124,7 +124,8 @@ def train_linear_head(
     shard with the same number of batches on every rank, and ``test_batches`` a disjoint slice of the test
     set. The backbone is moved to ``device`` in place, put in eval mode with requires_grad False for the run and
     restored afterwards (modes and flags); it is checked unchanged at the end (RuntimeError otherwise).
-    Returns ``{"top1", "train_loss" (mean over the last epoch), "epochs"}``.
+    Returns ``{"top1", "top5" (the label among the 5 highest logits; every image with 5 classes or fewer),
+    "train_loss" (mean over the last epoch), "epochs"}``.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
@@ -161,13 +162,14 @@ def train_linear_head(
         check_eval_mode(backbone)
         loss_sum, seen = _sum_over_ranks(loss_sum, seen, device=device)
 
-        correct, total = torch.zeros((), dtype=torch.long, device=device), 0
+        correct, total = torch.zeros(2, dtype=torch.long, device=device), 0
         with torch.no_grad():
             for x, y in test_batches:
-                pred = head(_features(backbone, x.to(device, non_blocking=True))).argmax(dim=1)
-                correct += (pred == y.to(device)).sum()
+                logits = head(_features(backbone, x.to(device, non_blocking=True)))
+                hits = logits.topk(min(5, num_classes), dim=1).indices == y.to(device)[:, None]
+                correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
                 total += len(y)
-        correct, total = _sum_over_ranks(correct.item(), total, device=device)
+        top1, top5, total = _sum_over_ranks(*correct.tolist(), total, device=device)
         if total == 0:
             raise ValueError("the test batches are empty")
         check_unchanged(backbone, before)
@@ -176,7 +178,7 @@ def train_linear_head(
             m.training = mode
         for p, flag in grads.items():
             p.requires_grad_(flag)
-    return {"top1": correct / total, "train_loss": loss_sum / seen, "epochs": epochs}
+    return {"top1": top1 / total, "top5": top5 / total, "train_loss": loss_sum / seen, "epochs": epochs}
 
 
 @torch.no_grad()
@@ -213,7 +215,7 @@ def linear_probe(
     ``batch_size`` is global (divided among torch.distributed ranks, if any) and lr = base_lr * batch_size /
     256; ``base_lr`` is 3.0 for ViT, 0.1 for ResNet. Train batches are one RandomResizedCrop(0.08, 1) + flip
     view per image (the last short batch is kept), the test set is centre-cropped (eval_loader defaults).
-    ``*_indices`` restrict either file to a subset. Returns ``{"top1", "train_loss", "epochs"}``; raises
+    ``*_indices`` restrict either file to a subset. Returns ``{"top1", "top5", "train_loss", "epochs"}``; raises
     RuntimeError if any backbone weight or buffer changed. Builds two FFCV loaders (numba compiles each on its
     first batch, tens of seconds on a small CPU).
     """

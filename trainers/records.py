@@ -22,6 +22,11 @@ def _kind(annotation) -> str:
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
+def columns_of(cls) -> tuple[tuple[str, str], ...]:
+    """(name, type as spelled) of every field of the dataclass ``cls``: a table's columns (study/results/schema.py)."""
+    return tuple((f.name, _kind(f.type)) for f in fields(cls))
+
+
 @dataclass
 class EpochRecord(EpochSignals):
     """One epoch of one run (the instability numbers of :class:`EpochSignals` included).
@@ -53,8 +58,8 @@ class EpochRecord(EpochSignals):
     @classmethod
     def columns(cls) -> tuple[tuple[str, str], ...]:
         """(name, type) of every field, the record's own first, then the signals: the ``epochs`` table's order."""
-        own = [(f.name, _kind(f.type)) for f in fields(cls) if f.name not in SUMMARY_KEYS]
-        return (*own, *((f.name, _kind(f.type)) for f in fields(EpochSignals)))
+        own = [c for c in columns_of(cls) if c[0] not in SUMMARY_KEYS]
+        return (*own, *columns_of(EpochSignals))
 
     @classmethod
     def metrics(cls) -> tuple[str, ...]:

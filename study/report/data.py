@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ class StudyData:
     epochs: list[dict]
     events: list[dict]
     params: list[Param]  # the searched parameters that are columns of the trials table
+    evaluations: list[dict] = field(default_factory=list)  # ssl-study evaluate's rows (study/evaluate.py)
 
     @property
     def metric(self) -> str:
@@ -53,13 +54,13 @@ def load(study_dir: Path, spec: StudySpec) -> StudyData:
     if not trials:
         raise SpecError(f"{trials_file}: no trials to report yet (the table is empty)")
     params = [p for p in flatten(spec.params) if p.name in trials[0]]
-    return StudyData(spec, study_dir, trials, epochs, events, params)
+    return StudyData(spec, study_dir, trials, epochs, events, params, _rows(study_dir, "evaluations"))
 
 
 def _rows(study_dir: Path, name: str) -> list[dict]:
     try:
         return results.open(study_dir).table(name).to_pylist()  # the compacted file and any parts
-    except FileNotFoundError:  # epochs and events: no trial has reported an epoch yet
+    except FileNotFoundError:  # epochs and events: no trial has reported an epoch yet; no evaluation yet
         return []
     except (pa.ArrowException, OSError) as e:  # a truncated, foreign or unreadable file
         raise SpecError(f"{study_dir / 'results' / f'{name}.parquet'}: not a readable Parquet table ({e})") from None

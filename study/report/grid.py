@@ -64,6 +64,13 @@ def make_axis(name: str, param: Param | None, values: list) -> Axis:
     return Axis(name, labels, [], edges, log)
 
 
+def scatter_param(data: StudyData, names: tuple[str, ...]) -> Param | None:
+    """The one parameter of ``names`` when it is a searched range (log, uniform, int, log1m): its figure is then a
+    scatter over its own axis, not a grid of levels; None otherwise."""
+    param = data.param(names[0]) if len(names) == 1 else None
+    return param if param is not None and param.kind != "choice" else None
+
+
 def heatmap_params(data: StudyData, override: tuple[str, str] | None = None) -> tuple[str, ...]:
     """The heat map's axes: ``override``, else base_lr x batch_size, else the two searched parameters with the
     most distinct values (one or none when the study searched fewer)."""

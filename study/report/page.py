@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from study.report.data import StudyData
+from study.report.grid import scatter_param
 from study.report.style import METRIC_LABELS, STATUS_COLORS
 from study.status import STATUSES
 
@@ -40,15 +41,19 @@ def _status_badge(status: str) -> str:
     return f'<span class="status" style="background:{color};color:{text_color}">{html.escape(status)}</span>'
 
 
-def _summary_table(data: StudyData) -> str:
-    names = [p.name for p in data.params]
-    metric = data.metric
-
+def _sorted_trials(data: StudyData) -> list[dict]:
+    """The trials by final metric, best first, those without a finite one last."""
     def key(t: dict):
         v = data.metric_value(t)
         return (not math.isfinite(v), -v if data.maximize and math.isfinite(v) else v if math.isfinite(v) else 0)
 
-    trials = sorted(data.trials, key=key)
+    return sorted(data.trials, key=key)
+
+
+def _summary_table(data: StudyData) -> str:
+    names = [p.name for p in data.params]
+    metric = data.metric
+    trials = _sorted_trials(data)
     best = data.best([t for t in trials if t["status"] == "completed"])
     head = ["trial", "status", *names, "epochs", f"final {metric}", "best knn_top1", "kNN at init", "final loss",
             "verdict", "events", "time (s)", "error"]
@@ -72,12 +77,48 @@ def _summary_table(data: StudyData) -> str:
     return "\n".join(out)
 
 
+def _evaluations_table(data: StudyData) -> str:
+    """``ssl-study evaluate``'s rows, trials in the order of the summary table's best first: empty when none."""
+    if not data.evaluations:
+        return ""
+    rank = {t["trial_id"]: i for i, t in enumerate(_sorted_trials(data))}
+    rows = sorted(data.evaluations, key=lambda r: (rank.get(r["trial_id"], len(rank)), r["protocol"], r["k"] or 0))
+    head = ["trial", "protocol", "settings", "top-1", "top-5", "time (s)", "evaluated at"]
+    out = ["<h2>Evaluations</h2>", "<p>The best trials' exported backbones, frozen, evaluated by <code>ssl-study "
+           "evaluate</code>: linear, the paper's linear probe; knn, weighted kNN of the whole test split.</p>",
+           "<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cells = [f'<td class="text">{html.escape(str(r[k]))}</td>' for k in ("trial_id", "protocol", "settings")]
+        cells += [f"<td>{html.escape(_fmt(r[k]))}</td>" for k in ("top1", "top5", "seconds")]
+        cells.append(f'<td class="text">{html.escape(str(r["evaluated_at"]))}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _figure(fid: str, written: dict[str, Path], caption: str, missing: str, attrs: str = "") -> str:
     if fid in written:
         name = html.escape(written[fid].name)
         return (f'<figure id="{fid}"{attrs}><img src="{name}" alt="{html.escape(fid)}">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     return f'<figure id="{fid}"{attrs}><p class="missing">{html.escape(missing)}</p></figure>'
+
+
+def _heat_section(data: StudyData, written: dict[str, Path], heat: tuple[str, ...], label: str,
+                  attrs: str) -> list[str]:
+    """The heading and figure of ``heatmap.png``: a scatter over one searched range, else levels in cells."""
+    param = scatter_param(data, heat)
+    if param is not None:
+        scale_text = {"log": "a log axis", "log1m": "1 - m on a log axis"}.get(param.kind, "a linear axis")
+        return [f"<h2>Final metric by {html.escape(param.name)}</h2>",
+                _figure("heatmap", written, f"Each trial's final {label} at its {param.name}, on {scale_text} as "
+                        f"the search space samples it (dotted: the search range), coloured by status; x at the "
+                        f"bottom: no finite value.", "No trial to draw.", attrs)]
+    return ["<h2>Final metric over two parameters</h2>",
+            _figure("heatmap", written, f"Final {label} of the best trial in each cell (as the paper's batch x lr "
+                    "table); under the value: the trial's status when it did not complete, its instability verdict "
+                    "in parentheses when it completed with one (observe mode); n: trials in the cell.",
+                    "The study searched no parameter: no heat map.", attrs)]
 
 
 def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...], importance_note: str) -> str:
@@ -106,6 +147,7 @@ def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...]
         f"<p>Sorted by final {esc(data.metric)}, best first; the best completed trial in bold. A verdict is the "
         f"instability policy's (in observe mode it is recorded but the trial goes on).</p>",
         _summary_table(data),
+        _evaluations_table(data),
         "<h2>Training curves</h2>",
         _figure("curves", written, "kNN top-1 (epoch 0: at initialisation), training loss and the dense kNN "
                 "monitor's minimum within each epoch, one line per trial coloured by status; dashed: stopped by the "
@@ -118,11 +160,7 @@ def render_html(data: StudyData, written: dict[str, Path], heat: tuple[str, ...]
                 "had to leave, the dense kNN measurements with their binomial band where the run kept its trace, "
                 "random init (dotted) and the verdict's epoch (dashed); the reason names the detector and the "
                 "noise it was judged against.", "No run was judged unstable."),
-        "<h2>Final metric over two parameters</h2>",
-        _figure("heatmap", written, f"Final {label} of the best trial in each cell (as the paper's batch x lr "
-                "table); under the value: the trial's status when it did not complete, its instability verdict in "
-                "parentheses when it completed with one (observe mode); n: trials in the cell.",
-                "The study searched no parameter: no heat map.", heat_attrs),
+        *_heat_section(data, written, heat, label, heat_attrs),
         "<h2>Status counts</h2>",
         _figure("status", written, "Trials by status.", "No trials."),
         "<h2>Parameter importance</h2>",

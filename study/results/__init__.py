@@ -8,6 +8,8 @@ Under ``<storage>/<name>/results/``, with schema version :data:`SCHEMA_VERSION` 
   stopped it) and totals of the signals, wall time, resources, checkpoint path, error.
 - ``epochs``: one row per trial per reported epoch: every field of ``trainers.records.EpochRecord``.
 - ``events``: one row per instability event (trainers/signals.py): step, epoch, kind, layer, magnitude.
+- ``evaluations``: one row per evaluation of a trial's exported backbone (``ssl-study evaluate``,
+  study/evaluate.py): protocol, settings, top-1 and top-5, one file rewritten whole after each evaluation.
 
 The layout keeps the cost of a reported epoch flat however large the study grows (issue 15 §5):
 
@@ -48,6 +50,6 @@ their merge, the atomic writer), ``writer.py`` (the Tune callback that writes; i
 """
 
 from study.results.datasets import Results, open
-from study.results.schema import SCHEMA_VERSION, TABLES
+from study.results.schema import ALL_TABLES, SCHEMA_VERSION, TABLES
 
-__all__ = ["SCHEMA_VERSION", "TABLES", "Results", "open"]
+__all__ = ["ALL_TABLES", "SCHEMA_VERSION", "TABLES", "Results", "open"]

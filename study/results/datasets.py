@@ -12,25 +12,26 @@ import pyarrow.parquet as pq
 
 from data.store import ObjectPath, location
 from study.results.files import parts, read
-from study.results.schema import APPENDED, TABLES
+from study.results.schema import ALL_TABLES, APPENDED
 
 
 class Results:
     """The result tables of one study directory, or of every study under a root, as pyarrow datasets.
 
-    ``trials``, ``epochs`` and ``events`` are :class:`pyarrow.dataset.Dataset` objects with the union of their
-    schemas (studies searching different parameters read together; missing columns are null) and a ``study``
-    column: ``r.trials.to_table(filter=pc.field("status") == "completed")``. ``epochs`` and ``events`` of
-    finished studies are datasets over the Parquet files (filters are pushed down to the scan); the trials table
-    (one row per trial, rewritten while a study runs) and a table with parts not yet compacted (a study running,
-    or killed) are read whole, as :func:`study.results.files.read` reads them, into in-memory datasets. Each is
+    ``trials``, ``epochs``, ``events`` and ``evaluations`` (study/evaluate.py; empty until a study is evaluated)
+    are :class:`pyarrow.dataset.Dataset` objects with the union of their schemas (studies searching different
+    parameters read together; missing columns are null) and a ``study`` column:
+    ``r.trials.to_table(filter=pc.field("status") == "completed")``. ``epochs`` and ``events`` of finished
+    studies are datasets over the Parquet files (filters are pushed down to the scan); the trials and evaluations
+    tables (one row per trial or evaluation, rewritten whole) and a table with parts not yet compacted (a study
+    running, or killed) are read whole, as :func:`study.results.files.read` reads them, into in-memory datasets. Each is
     read on first use; :meth:`table` reads one table whole.
     """
 
     def __init__(self, dirs: list[Path]) -> None:
         self.dirs = list(dirs)
         self.files = {name: [d / f"{name}.parquet" for d in self.dirs if (d / f"{name}.parquet").exists()]
-                      for name in TABLES}
+                      for name in ALL_TABLES}
 
     @cached_property
     def trials(self):
@@ -44,30 +45,34 @@ class Results:
     def events(self):
         return self._dataset("events")
 
+    @cached_property
+    def evaluations(self):
+        return self._dataset("evaluations")
+
     def _dataset(self, name: str):
         if name in APPENDED and not any(parts(d, name) for d in self.dirs):
             return _dataset(self.files[name])
-        tables = []
-        for d in self.dirs:
-            try:
-                tables.append(read(d, name).replace_schema_metadata(None))
-            except FileNotFoundError:
-                continue
+        tables = [t.replace_schema_metadata(None) for t in self._read(name)]
         return ds.dataset(pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({}))
 
-    def table(self, name: str = "trials", **to_table) -> pa.Table:
-        """Table ``name`` whole (its compacted file and parts, deduplicated; of one study with its file metadata),
-        or as ``to_table`` (``filter=``, ``columns=``) scans it. FileNotFoundError when no study has written it."""
-        if name not in TABLES:
-            raise ValueError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
-        if to_table:
-            return getattr(self, name).to_table(**to_table)
+    def _read(self, name: str) -> list[pa.Table]:
+        """Table ``name`` of each study that has written it, whole (files.read)."""
         tables = []
         for d in self.dirs:
             try:
                 tables.append(read(d, name))
             except FileNotFoundError:
                 continue
+        return tables
+
+    def table(self, name: str = "trials", **to_table) -> pa.Table:
+        """Table ``name`` whole (its compacted file and parts, deduplicated; of one study with its file metadata),
+        or as ``to_table`` (``filter=``, ``columns=``) scans it. FileNotFoundError when no study has written it."""
+        if name not in ALL_TABLES:
+            raise ValueError(f"unknown table {name!r}; tables: {', '.join(ALL_TABLES)}")
+        if to_table:
+            return getattr(self, name).to_table(**to_table)
+        tables = self._read(name)
         if not tables:
             raise FileNotFoundError(f"{self.dirs[0] if len(self.dirs) == 1 else 'these studies'}: no {name} table yet")
         if len(tables) == 1:

@@ -1,6 +1,7 @@
-"""The three tables' schemas, derived from the typed rows: :class:`trainers.records.EpochRecord` (``epochs``),
-:class:`trainers.events.Event` (``events``) and :class:`TrialRow` (``trials``, with a column per searched
-parameter)."""
+"""The tables' schemas: the three a study writes as it runs, derived from the typed rows
+(:class:`trainers.records.EpochRecord` (``epochs``), :class:`trainers.events.Event` (``events``) and
+:class:`TrialRow` (``trials``, with a column per searched parameter)), and ``evaluations``, written by
+``ssl-study evaluate`` (study/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pyarrow as pa
 
 from search_spaces import Param
 from trainers.events import Event
-from trainers.records import EpochRecord
+from trainers.records import EpochRecord, columns_of
 
 SCHEMA_VERSION = 3  # 2: rankme and epoch_time_s; 3: the trials' knn_dips is knn_dip_count, as in epochs
-TABLES = ("trials", "epochs", "events")
+TABLES = ("trials", "epochs", "events")  # what a study writes while it runs (study/results/writer.py)
+ALL_TABLES = (*TABLES, "evaluations")  # what the reader reads: those and study/evaluate.py's
 APPENDED = ("epochs", "events")  # the tables kept as a compacted file plus parts
 RENAMED = {"knn_dips": "knn_dip_count"}  # old column -> new, for tables of an older schema version
 KEY = [("study", pa.string()), ("trial_id", pa.string())]
@@ -66,13 +68,22 @@ def epochs_schema(record: type[EpochRecord] = EpochRecord) -> pa.Schema:
 
 
 EPOCHS_SCHEMA = epochs_schema()
-EVENTS_SCHEMA = pa.schema([*KEY, *_fields((f.name, f.type) for f in fields(Event))])
+EVENTS_SCHEMA = pa.schema([*KEY, *_fields(columns_of(Event))])
 TRIAL_COLUMNS = tuple(f.name for f in fields(TrialRow))
 # What a terminal shows of a trial (``launch``'s summary, ``status``), after its id and parameters; ``best`` and
 # the report show the numbers among them.
 SUMMARY_COLUMNS = ("status", "epochs_done", "knn_top1_init", "knn_top1", "knn_top1_best", "loss", "verdict",
                    "time_total_s")
 assert set(SUMMARY_COLUMNS) <= set(TRIAL_COLUMNS)
+
+
+# One row per evaluation of a trial's exported backbone (study/evaluate.py): its key is trial_id, protocol and
+# settings (the JSON of every setting, keys sorted); epochs (linear), k (knn) and lr (linear, scaled) repeat the
+# ones a query filters on. top5: the label among the 5 best classes.
+EVALUATIONS_SCHEMA = pa.schema([*KEY, ("protocol", pa.string()), ("settings", pa.string()), ("epochs", pa.int64()),
+                                ("k", pa.int64()), ("lr", pa.float64()), ("top1", pa.float64()),
+                                ("top5", pa.float64()), ("seconds", pa.float64()),
+                                ("evaluated_at", pa.timestamp("s", tz="UTC"))])
 
 
 def _param_type(param: Param) -> pa.DataType:
@@ -85,7 +96,7 @@ def _param_type(param: Param) -> pa.DataType:
 
 def trials_schema(params: list[Param]) -> pa.Schema:
     return pa.schema([*KEY, *[(p.name, _param_type(p)) for p in params],
-                      *_fields((f.name, f.type) for f in fields(TrialRow))])
+                      *_fields(columns_of(TrialRow))])
 
 
 def with_version(schema: pa.Schema, table: str) -> pa.Schema:
