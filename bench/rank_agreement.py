@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=4096, help="pretraining images")
     p.add_argument("--lrs", type=float, nargs="+", default=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
                    help="the base learning rates, a trial each")
-    p.add_argument("--probe-epochs", type=int, default=10)
+    p.add_argument("--probe-epochs", type=int, default=5)
     p.add_argument("--probe-subset", type=int, default=4096, help="linear probe training images")
     p.add_argument("--probe-batch", type=int, default=256)
     p.add_argument("--probe-base-lr", type=float, default=0.5, help="random-init ViTs diverge at the paper's 3.0")
