@@ -1,7 +1,8 @@
 """A study across two Ray nodes on this machine (a head and a second node joined with `ray start --address`, 1
 CPU each, token authentication on), whose second node is lost mid-study (its raylet killed): the trials ran on
 both nodes, the one that lost its worker restarted on the head from its checkpoint, and the results,
-checkpoints and Optuna study are complete. The storage is a local path: shared, since both nodes are this
+checkpoints and Optuna study are complete. Then `ssl-study evaluate --address` runs the best trial's kNN
+evaluation as a task on the cluster. The storage is a local path: shared, since both nodes are this
 machine.
 
 3 trials, 2 at a time (one per node), 1 worker each, 3 epochs of 256 images of a tiny MoCo v3 (vit_test, 32 px).
@@ -27,7 +28,7 @@ STUDY = {
     "name": "nodes",
     "train": {"backbone": "vit_test_patch4_32", "epochs": 3, "batch_size": 64, "mlp_dim": 64, "dim": 32,
               "warmup_epochs": 0.5, "train_subset": 256, "knn_bank_subset": 128, "knn_eval_subset": 128,
-              "monitor_every": 0},
+              "monitor_every": 0, "export": True},
     # After the node is lost, a retried trial's driver and a new one's both wait on the head: 2 x 0.05 beside
     # one 0.9 worker fit its 1 CPU (2 x 0.1 would not, and neither worker could start).
     "resources": {"workers": 1, "cpus_per_worker": 0.9, "driver_cpus": 0.05},
@@ -74,24 +75,37 @@ def two_nodes(tmp_path_factory):
         code = (done.returncode, done.stdout[-3000:] + done.stderr[-3000:])
         killer.join(timeout=5)
         workers = train_workers(head)
-    return spec, code, killed, workers, second_id
+        evaluated = subprocess.run([sys.executable, "-m", "study", "evaluate", str(spec.study_dir), "--top", "1",
+                                    "--protocol", "knn", "--train-subset", "128", "--address", head.gcs],
+                                   cwd=root, env=head.env, capture_output=True, text=True, timeout=600)
+        code = {"launch": code, "evaluate": (evaluated.returncode, evaluated.stdout[-3000:] + evaluated.stderr[-3000:])}
+        tasks = [t for t in cluster_tasks(head) if t["name"].startswith("evaluate ")]
+    return spec, code, killed, workers, second_id, tasks
+
+
+def cluster_tasks(head) -> list[dict]:
+    """Every task the cluster has run, from the head's State API."""
+    answer = requests.get(f"{head.address}/api/v0/tasks?detail=1&limit=10000", timeout=10,
+                          headers={"Authorization": f"Bearer {head.token_file.read_text()}"})
+    answer.raise_for_status()
+    return answer.json()["data"]["result"]["result"]
 
 
 def test_the_study_ends_well_after_losing_a_node(two_nodes):
-    _, code, killed, _, _ = two_nodes
+    _, code, killed, _, _, _ = two_nodes
     assert killed, "the second node was never killed"
-    assert code[0] == 0, code[1]
+    assert code["launch"][0] == 0, code["launch"][1]
 
 
 def test_trials_ran_on_both_nodes_and_one_restarted_on_the_head(two_nodes):
-    _, _, _, workers, second_id = two_nodes
+    _, _, _, workers, second_id, _ = two_nodes
     nodes = {w["node_id"] for w in workers}
     assert second_id in nodes and len(nodes) == 2, workers
     assert len(workers) >= 4  # 3 trials, one of them again after its node was lost
 
 
 def test_results_checkpoints_and_optuna_are_complete(two_nodes):
-    spec, _, _, _, _ = two_nodes
+    spec, _, _, _, _, _ = two_nodes
     trials = rows(spec, "trials")
     assert len(trials) == 3 and all((t["status"], t["epochs_done"]) == ("completed", 3) for t in trials), trials
     for t in trials:
@@ -99,3 +113,14 @@ def test_results_checkpoints_and_optuna_are_complete(two_nodes):
         assert (spec.study_dir / "train" / t["trial_id"]).is_dir() and t["checkpoint"]
     study = optuna.load_study(study_name=spec.name, storage=spec.optuna_url)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
+
+
+def test_evaluate_runs_on_the_cluster(two_nodes):
+    spec, code, _, _, _, tasks = two_nodes
+    assert code["evaluate"][0] == 0, code["evaluate"][1]
+    [best] = sorted(rows(spec, "trials"), key=lambda t: -t["knn_top1"])[:1]
+    evaluations = rows(spec, "evaluations")
+    assert sorted((e["trial_id"], e["protocol"], e["k"]) for e in evaluations) == \
+        [(best["trial_id"], "knn", 20), (best["trial_id"], "knn", 200)], evaluations
+    assert all(0.1 < e["top1"] <= 1 for e in evaluations), evaluations  # 10 classes: above chance
+    assert [t["state"] for t in tasks] == ["FINISHED"], tasks  # one task, run by the cluster
