@@ -71,12 +71,13 @@ def run_key(run: dict) -> tuple:
 
 
 def recorded(folder: Path, grid: dict) -> set[tuple]:
-    """The runs ``folder``'s trials table holds, ended."""
+    """The runs ``folder``'s trials table holds, ended but not failed: a run that raised (in the second record, 3
+    runs killed by Ray's memory monitor while other jobs shared the machine) is run again by the next sitting."""
     if not (folder / "trials.parquet").is_file():
         return set()
     space = grid["search"]["space"]
     return {run_key({a: row[a] for a in space}) for row in pq.read_table(folder / "trials.parquet").to_pylist()
-            if row["status"] in ENDED}
+            if row["status"] in ENDED and row["status"] != "failed"}
 
 
 def run_study(grid: dict, run: dict, index: int, storage: Path) -> dict:
@@ -120,18 +121,22 @@ def tables_of(study_dir: Path, name: str) -> dict[str, pa.Table]:
 
 def append(folder: Path, new: dict[str, pa.Table]) -> None:
     """Add ``new``'s rows to the folder's tables, each rewritten atomically (the trials table last: a run counts as
-    recorded only once all its rows are in). Traces go to a file per run under ``traces/``, written once: a
-    table of every trace rewritten per run would add its whole size to the repository's history at each commit
-    (6 MB at 128 runs)."""
+    recorded only once all its rows are in); the rows of an earlier, failed attempt at the same run (its study) go.
+    Traces go to a file per run under ``traces/``, written once: a table of every trace rewritten per run would
+    add its whole size to the repository's history at each commit (6 MB at 128 runs)."""
     split_traces(folder)
     if "traces" in new:
         for study in sorted(set(new["traces"].column("study").to_pylist())):
             write_traces(folder, study, new["traces"].filter(pc.equal(new["traces"]["study"], study)))
+    rerun = pa.array(sorted({s for t in new.values() for s in t.column("study").to_pylist()}), pa.string())
     for name in ("epochs", "events", "trials"):
         if name not in new:
             continue
         path = folder / f"{name}.parquet"
-        parts = [files.read_file(path), new[name]] if path.is_file() else [new[name]]  # older schemas renamed
+        parts = [new[name]]
+        if path.is_file():
+            old = files.read_file(path)  # older schemas renamed
+            parts.insert(0, old.filter(pc.invert(pc.is_in(old["study"], value_set=rerun))))
         write_atomic(pa.concat_tables(parts, promote_options="permissive"), path)
 
 

@@ -4,6 +4,7 @@ and the folder reads as a record (real one-trial studies on a real local Ray, ti
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -47,6 +48,18 @@ def test_a_missing_run_is_recorded_and_a_recorded_one_is_not_run_again(tmp_path)
     record = load_record(str(folder))  # what replay and bench/search.py read
     assert record.traced and sorted(record.runs) == [(1.0e-4,), (3.0e-4,)]
 
+    # A run that failed (as Ray's memory monitor leaves one it killed) is run again, and its rows replaced.
+    failed = next(t for t in trials if t["base_lr"] == 3.0e-4)
+    pq.write_table(pa.Table.from_pylist([{**t, "status": "failed"} if t is failed else t for t in trials],
+                                        schema=pq.read_schema(folder / "trials.parquet")), folder / "trials.parquet")
+    assert record_runs.record(folder, storage=storage) == [record_runs.run_key({"base_lr": 3.0e-4, "seed": 0})]
+    again = pq.read_table(folder / "trials.parquet").to_pylist()
+    assert sorted((t["base_lr"], t["status"]) for t in again) == [(1.0e-4, "completed"), (3.0e-4, "completed")]
+    rerun = next(t["trial_id"] for t in again if t["base_lr"] == 3.0e-4)
+    assert rerun != failed["trial_id"]
+    epochs = pq.read_table(folder / "epochs.parquet").to_pylist()
+    assert failed["trial_id"] not in {e["trial_id"] for e in epochs} and rerun in {e["trial_id"] for e in epochs}
+
 
 def test_extra_seeds_add_runs_to_named_cells_after_the_grid_and_a_foreign_cell_is_one_line():
     grid = {**GRID, "search": {**GRID["search"], "space": {"base_lr": {"choice": [1.0e-4, 3.0e-4]},
@@ -67,8 +80,6 @@ def test_extra_seeds_add_runs_to_named_cells_after_the_grid_and_a_foreign_cell_i
 
 
 def test_rows_of_a_new_schema_append_to_a_record_of_an_older_one(tmp_path):
-    import pyarrow as pa
-
     old = pa.table({"study": ["r-0000"], "trial_id": ["a"], "knn_dips": [1.0]})  # schema 2's name
     pq.write_table(old, tmp_path / "trials.parquet")
     record_runs.append(tmp_path, {"trials": pa.table({"study": ["r-0001"], "trial_id": ["b"], "knn_dip_count": [2.0]})})
@@ -78,8 +89,6 @@ def test_rows_of_a_new_schema_append_to_a_record_of_an_older_one(tmp_path):
 
 
 def test_a_single_traces_table_is_split_into_a_file_per_run_once(tmp_path):
-    import pyarrow as pa
-
     legacy = pa.table({"study": ["r-0000", "r-0000", "r-0001"], "trial_id": ["a", "a", "b"], "step": [1, 2, 1]})
     pq.write_table(legacy, tmp_path / "traces.parquet")
     new = pa.table({"study": ["r-0002"], "trial_id": ["c"], "step": [1]})
