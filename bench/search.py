@@ -90,6 +90,19 @@ def calibrated(record: rp.Record) -> dict:
     return {k: getattr(policy, k) for k in (*calibrate.DETECTORS, *calibrate.POLICY)}
 
 
+def difficulty(record: rp.Record) -> dict:
+    """How hard the record is to search: the share of cells within 1 point of the best cell, and the seed noise
+    (the pooled standard deviation of a run's final kNN around its cell's mean, over cells with 2 or more seeds
+    that ended with a finite kNN)."""
+    best = record.truth(record.best_cell())
+    finite = ([r.final for r in rs if math.isfinite(r.final)] for rs in record.runs.values())
+    repeated = [f for f in finite if len(f) > 1]
+    pooled = (sum(statistics.variance(f) * (len(f) - 1) for f in repeated) / sum(len(f) - 1 for f in repeated)
+              if repeated else math.nan)
+    return {"near": sum(record.truth(c) >= best - 0.01 for c in record.runs) / len(record.runs),
+            "noise": math.sqrt(pooled), "repeated": len(repeated)}
+
+
 def answer_at(ended: list[rp.Ended], epochs: float) -> float:
     """The answer's worth (mean final kNN of its cell) once ``epochs`` were spent; NaN before any answer."""
     worth = math.nan
@@ -303,6 +316,9 @@ def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure:
     print(f"record {record.name}: {runs} runs, {len(record.runs)} cells, {record.epochs} epochs; grid = {grid} "
           f"epochs ({record.seconds / runs / 60:.1f} min per run recorded); best cell "
           f"{dict(zip(record.axes, best, strict=True))}: {record.truth(best):.4f}")
+    hard = difficulty(record)
+    print(f"{hard['near']:.0%} of the cells within 1 point of the best; seed noise {100 * hard['noise']:.2f} "
+          f"points per run (pooled over the {hard['repeated']} cells with 2 or more seeds)")
     print(f"calibrated policy: {saved.policy}")
     done = {s: saved.load(s) for s in strategies}
     tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]
