@@ -25,7 +25,6 @@ from study import evaluate, results
 from study.cli import main
 from study.spec import Evaluate, StudySpec, load_spec
 from trainers.backbones import create_backbone
-from trainers.config import TrainConfig
 from trainers.export import export_backbone
 from trainers.trainer import backbone_options
 
@@ -37,8 +36,7 @@ def random_init_rows(spec: StudySpec, trial: dict, ev: Evaluate, data_paths: dic
     """``ev``'s evaluation (study/evaluate.py, in this process) of ``trial``'s backbone at random initialisation:
     the trial's config (its searched parameters, ``trial`` a trials-table row), a fresh init with its seed (the
     trial's own start), exported under ``workdir``. Its rows, as ``ssl-study evaluate`` writes them."""
-    cfg = spec.train_config({k: trial[k] for k in spec.search.space
-                             if k in TrainConfig.field_names() and trial.get(k) is not None})
+    cfg = spec.trial_config(trial)
     torch.manual_seed(cfg.seed)  # the trial's own start: the same seed, the same init
     fresh = Path(workdir) / "init" / "backbone.safetensors"
     export_backbone(create_backbone(cfg.backbone, **backbone_options(cfg)), cfg.backbone, fresh,

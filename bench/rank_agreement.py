@@ -157,7 +157,7 @@ def main() -> None:
         took[protocol] = time.perf_counter() - tic
 
     backbone = spec.train_config().backbone
-    wanted = {p: [evaluate._json(s) for s in evaluate.settings(ev, backbone)] for p, ev in evs.items()}
+    wanted = {p: [evaluate.settings_key(s) for s in evaluate.settings(ev, backbone)] for p, ev in evs.items()}
     mine = {(r["protocol"], r["settings"], r["trial_id"]): r for r in evaluate.read_rows(spec.study_dir)}
 
     def row(trial_id: str, protocol: str, i: int = 0) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -87,6 +88,19 @@ def calibrated(record: rp.Record) -> dict:
 
     policy, _ = calibrate.choose(record, sorted(record.runs), calibrate.kinds(record), record.stopping)
     return {k: getattr(policy, k) for k in (*calibrate.DETECTORS, *calibrate.POLICY)}
+
+
+def difficulty(record: rp.Record) -> dict:
+    """How hard the record is to search: the share of cells within 1 point of the best cell, and the seed noise
+    (the pooled standard deviation of a run's final kNN around its cell's mean, over cells with 2 or more seeds
+    that ended with a finite kNN)."""
+    best = record.truth(record.best_cell())
+    finite = ([r.final for r in rs if math.isfinite(r.final)] for rs in record.runs.values())
+    repeated = [f for f in finite if len(f) > 1]
+    pooled = (sum(statistics.variance(f) * (len(f) - 1) for f in repeated) / sum(len(f) - 1 for f in repeated)
+              if repeated else math.nan)
+    return {"near": sum(record.truth(c) >= best - 0.01 for c in record.runs) / len(record.runs),
+            "noise": math.sqrt(pooled), "repeated": len(repeated)}
 
 
 def answer_at(ended: list[rp.Ended], epochs: float) -> float:
@@ -238,18 +252,23 @@ class Saved:
     """Each strategy's replays of a record, one JSON file per strategy rewritten as each replay ends (by this
     process only): a race of thousands of replays takes hours, and an interrupted one (or one continued in
     another session, from the committed files) replays only what is missing. Replays of a strategy that has
-    changed since are dropped."""
+    changed since, or of the record before runs were added to it, are dropped."""
 
-    def __init__(self, folder: Path, record: str, policy: dict) -> None:
-        self.folder, self.policy = folder / record, policy
+    def __init__(self, folder: Path, record: rp.Record, policy: dict) -> None:
+        self.folder, self.policy = folder / Path(record.name).name, policy
+        self.runs = hashlib.sha1(" ".join(sorted(r.trial_id for rs in record.runs.values() for r in rs)).encode()
+                                 ).hexdigest()[:12]  # which recorded runs the replays played
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
 
+    def _key(self, name: str) -> dict:
+        return {"strategy": repr(_strategy(name, self.policy)), "record_runs": self.runs}
+
     def load(self, name: str) -> dict[int, list[rp.Ended]]:
         path = self._path(name)
-        if not path.is_file() or (saved := json.loads(path.read_text()))["strategy"] != repr(
-                _strategy(name, self.policy)):
+        if not path.is_file() or {k: (saved := json.loads(path.read_text())).get(k) for k in self._key(name)
+                                  } != self._key(name):
             return {}
         return {int(seed): [rp.Ended(**{**e, "cell": tuple(e["cell"]),
                                         "incumbent": e["incumbent"] and tuple(e["incumbent"])}) for e in ended]
@@ -258,7 +277,7 @@ class Saved:
     def save(self, name: str, replays: dict[int, list[rp.Ended]]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self._path(name), json.dumps(
-            {"strategy": repr(_strategy(name, self.policy)),
+            {**self._key(name),
              "replays": {seed: [asdict(e) for e in ended] for seed, ended in sorted(replays.items())}}))
 
 
@@ -282,7 +301,7 @@ def main() -> None:
     args = p.parse_args()
     for name in args.records:
         race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
-                    Saved(args.saved, name, calibrated(rp.load_record(name))), commit_each=args.commit)
+                    Saved(args.saved, _record(name), calibrated(_record(name))), commit_each=args.commit)
 
 
 COMMIT_EVERY_S = 900.0
@@ -290,13 +309,16 @@ COMMIT_EVERY_S = 900.0
 
 def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure: Path, saved: Saved,
                 commit_each: bool = False) -> None:
-    record = rp.load_record(name)
+    record = _record(name)  # loaded once per process (main loaded it for the policy)
     grid = len(record.runs) * record.epochs
     best = record.best_cell()
     runs = sum(map(len, record.runs.values()))
     print(f"record {record.name}: {runs} runs, {len(record.runs)} cells, {record.epochs} epochs; grid = {grid} "
           f"epochs ({record.seconds / runs / 60:.1f} min per run recorded); best cell "
           f"{dict(zip(record.axes, best, strict=True))}: {record.truth(best):.4f}")
+    hard = difficulty(record)
+    print(f"{hard['near']:.0%} of the cells within 1 point of the best; seed noise {100 * hard['noise']:.2f} "
+          f"points per run (pooled over the {hard['repeated']} cells with 2 or more seeds)")
     print(f"calibrated policy: {saved.policy}")
     done = {s: saved.load(s) for s in strategies}
     tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]

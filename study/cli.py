@@ -227,7 +227,6 @@ def status(args: argparse.Namespace) -> int:
 
 def best(args: argparse.Namespace) -> int:
     from study import evaluate, runner
-    from trainers.config import TrainConfig
 
     spec = runner.open_study(args.name, args.storage)
     table = _trials(spec)
@@ -242,8 +241,7 @@ def best(args: argparse.Namespace) -> int:
                  for r in evaluate.of_trial(evaluate.read_rows(spec.study_dir), row["trial_id"])]
     print(json.dumps({
         "study": spec.name, "trial_id": row["trial_id"], "status": row["status"], "params": params,
-        "config": spec.train_config({k: v for k, v in params.items()
-                                     if v is not None and k in TrainConfig.field_names()}).as_dict(),
+        "config": spec.trial_config(row).as_dict(),
         "metrics": {k: row[k] for k in SUMMARY_COLUMNS if k not in ("status", "verdict", "time_total_s")},
         "checkpoint": row["checkpoint"],
         "backbone": str(export) if export and export.exists() else None,

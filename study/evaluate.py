@@ -57,10 +57,11 @@ class Job:
     settings: tuple[dict, ...]  # one per row: the linear probe's one, or one per k
 
     def keys(self) -> list[tuple[str, str, str]]:
-        return [(self.trial_id, self.protocol, _json(s)) for s in self.settings]
+        return [(self.trial_id, self.protocol, settings_key(s)) for s in self.settings]
 
 
-def _json(settings: dict) -> str:
+def settings_key(settings: dict) -> str:
+    """An evaluation's settings as the evaluations table keys its rows (the ``settings`` column)."""
     return json.dumps(settings, sort_keys=True)
 
 
@@ -183,7 +184,7 @@ def evaluate_backbone(job: Job, data_paths: dict[str, str], cpus: float, gpu: bo
                   for top1, top5 in (counts[min(s["k"], len(bank))] for s in job.settings)]
     seconds = time.perf_counter() - tic
     now = datetime.now(UTC).replace(microsecond=0)
-    return [{"trial_id": job.trial_id, "protocol": job.protocol, "settings": _json(s), "epochs": s.get("epochs"),
+    return [{"trial_id": job.trial_id, "protocol": job.protocol, "settings": settings_key(s), "epochs": s.get("epochs"),
              "k": s.get("k"), "lr": s.get("lr"), "top1": top1, "top5": top5, "seconds": seconds,
              "evaluated_at": now}
             for s, (top1, top5) in zip(job.settings, scores, strict=True)]

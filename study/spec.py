@@ -178,6 +178,12 @@ class StudySpec:
                                       chosen.get("method", TrainConfig.method))}
         return TrainConfig(**{**defaults, **chosen}, stopping=self.stopping)
 
+    def trial_config(self, row: dict) -> TrainConfig:
+        """The TrainConfig a trials-table ``row`` ran: its searched values (those that are TrainConfig fields,
+        not Optuna's derived ones such as ``1-moco_m``) over the file's ``train:``."""
+        return self.train_config({p.name: row[p.name] for p in flatten(self.params)
+                                  if p.name in TrainConfig.field_names() and row.get(p.name) is not None})
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))

@@ -2,6 +2,7 @@
 compute to reach within a point, the normalised score and the paired Wilcoxon test, first on hand-made replays,
 then on real replays through Tune + Optuna + ASHA."""
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -91,11 +92,21 @@ def score(runs: list[list[rp.Ended]]) -> bool:
                for e in runs)
 
 
+def test_difficulty_is_the_share_of_cells_near_the_best_and_the_pooled_seed_noise(record):
+    hard = search.difficulty(record)
+    assert hard["near"] == 0.25  # only 1e-2 lies within a point of itself; 3e-3 is 4 points below
+    assert hard["noise"] == pytest.approx(0.004 / math.sqrt(2)) and hard["repeated"] == 4  # seeds at +-0.2 points
+
+
 def test_saved_replays_resume_a_race_and_drop_those_of_a_changed_strategy(record, tmp_path, monkeypatch):
-    saved = search.Saved(tmp_path, "synthetic", policy={"spike_z": 4.0})
+    saved = search.Saved(tmp_path, record, policy={"spike_z": 4.0})
     replays = {0: ended(record, [(3, 1e-3), (6, 1e-2)]), 1: ended(record, [(3, 3e-2)])}
     saved.save("tpe+asha", replays)
     assert saved.load("tpe+asha") == replays  # cells and incumbents come back as tuples
     assert saved.load("random") == {}  # never raced
     monkeypatch.setitem(search.STRATEGIES, "tpe+asha", rp.Strategy("tpe+asha", scheduler="asha", reduction_factor=3))
     assert saved.load("tpe+asha") == {}  # replayed again: the saved ones ran another strategy
+    monkeypatch.undo()
+    assert saved.load("tpe+asha") == replays
+    changed = dataclasses.replace(record, runs={**record.runs, (1e-3,): record.runs[(1e-3,)][:1]})
+    assert search.Saved(tmp_path, changed, policy={"spike_z": 4.0}).load("tpe+asha") == {}  # the record changed

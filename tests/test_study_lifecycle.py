@@ -123,6 +123,7 @@ def test_status_best_and_results_commands(lifecycle, capsys):
     best = json.loads(capsys.readouterr().out)
     assert best["metrics"]["knn_top1"] == max(r["knn_top1"] for r in final)
     assert best["backbone"] and best["backbone"].endswith("backbone.safetensors")
+    assert best["config"]["base_lr"] == best["params"]["base_lr"]  # the trial's config: its searched values
     assert main(["results", "life", "--storage", storage, "--where", "knn_top1 > 0 and status == 'completed'",
                  "--sort=-knn_top1", "--columns", "trial_id", "knn_top1", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
