@@ -92,7 +92,7 @@ def score(runs: list[list[rp.Ended]]) -> bool:
                for e in runs)
 
 
-def test_difficulty_is_the_share_of_cells_near_the_best_and_the_pooled_seed_noise(record):
+def test_difficulty_is_the_share_of_cells_near_the_best_and_the_seed_noise(record):
     hard = search.difficulty(record)
     assert hard["near"] == 0.25  # only 1e-2 lies within a point of itself; 3e-3 is 4 points below
     assert hard["noise"] == pytest.approx(0.004 / math.sqrt(2)) and hard["repeated"] == 4  # seeds at +-0.2 points
