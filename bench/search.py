@@ -102,6 +102,15 @@ def difficulty(record: rp.Record) -> dict:
             "noise": statistics.median(spread) if spread else math.nan, "repeated": len(spread)}
 
 
+def noise_floor(record: rp.Record, seeds: int) -> float:
+    """The regret of a search that ran every cell to the end and answered the best final kNN it saw, mean over
+    replay ``seeds``: what choosing by one run per cell costs when seeds differ. No strategy that answers by a
+    run's value (as `ssl-study best` does) is expected below it."""
+    best = record.truth(record.best_cell())
+    seen = ([(record.pick(c, s).final, c) for c in record.runs] for s in range(seeds))
+    return statistics.mean(best - record.truth(max((v, c) for v, c in runs if math.isfinite(v))[1]) for runs in seen)
+
+
 def answer_at(ended: list[rp.Ended], epochs: float) -> float:
     """The answer's worth (mean final kNN of its cell) once ``epochs`` were spent; NaN before any answer."""
     worth = math.nan
@@ -322,6 +331,8 @@ def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure:
     hard = difficulty(record)
     print(f"{hard['near']:.0%} of the cells within 1 point of the best; seed noise {100 * hard['noise']:.2f} "
           f"points per run (median over the {hard['repeated']} cells with 2 or more seeds)")
+    print(f"noise floor: a search that ran every cell once and answered the best run it saw has a regret of "
+          f"{100 * noise_floor(record, seeds):.2f} points (mean over the {seeds} replay seeds)")
     print(f"calibrated policy: {saved.policy}")
     done = {s: saved.load(s) for s in strategies}
     tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]

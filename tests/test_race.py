@@ -98,6 +98,17 @@ def test_difficulty_is_the_share_of_cells_near_the_best_and_the_seed_noise(recor
     assert hard["noise"] == pytest.approx(0.004 / math.sqrt(2)) and hard["repeated"] == 4  # seeds at +-0.2 points
 
 
+def test_the_noise_floor_is_the_regret_of_answering_the_best_run_seen(record):
+    assert search.noise_floor(record, seeds=20) == 0.0  # the best cell's runs beat every other cell's
+    # 3e-3's two seeds at 75% and 70% (truth 72.5%): where a replay seed plays the 75% run, the answer is 3e-3
+    close = record.runs[(1e-2,)][0]
+    runs = [dataclasses.replace(close, epochs=[{**close.epochs[-1], "knn_top1": v}]) for v in (0.75, 0.70)]
+    lucky = dataclasses.replace(record, runs={**record.runs, (3e-3,): runs})
+    played = [lucky.pick((3e-3,), s).final for s in range(20)]
+    floor = search.noise_floor(lucky, seeds=20)
+    assert 0.0 < floor < 0.015 and floor == pytest.approx((0.74 - 0.725) * played.count(0.75) / 20)
+
+
 def test_saved_replays_resume_a_race_and_drop_those_of_a_changed_strategy(record, tmp_path, monkeypatch):
     saved = search.Saved(tmp_path, record, policy={"spike_z": 4.0})
     replays = {0: ended(record, [(3, 1e-3), (6, 1e-2)]), 1: ended(record, [(3, 3e-2)])}
