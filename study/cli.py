@@ -94,6 +94,8 @@ def describe(spec: StudySpec, address: str | None) -> str:
     else:
         concurrency = f"{cluster.concurrency(spec, cluster.local_nodes())} at a time (what this machine holds)"
     tune_note = f"; searching {', '.join(p.name for p in flatten(spec.params))}" if spec.params else ""
+    start = (f" after {s.startup_trials} {'Sobol-design' if s.startup == 'sobol' else 'random'} trials"
+             if s.sampler == "tpe" else "")
     return "\n".join([
         f"study {spec.name} from {spec.source}" + (f" (preset {spec.preset})" if spec.preset else ""),
         f"  train: {cfg.method} on {cfg.backbone}, {spec.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size} "
@@ -102,7 +104,8 @@ def describe(spec: StudySpec, address: str | None) -> str:
            + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in recipe.items())]
           if recipe else []),
         "  space:", *space(spec.params),
-        f"  search: {s.sampler} (seed {s.seed}) for {s.metric} ({s.mode}), {s.num_samples} trials, {concurrency}",
+        f"  search: {s.sampler}{start} (seed {s.seed}) for {s.metric} ({s.mode}), {s.num_samples} trials, "
+        f"{concurrency}",
         f"  scheduler: {spec.scheduler.type}" + (f" (grace {spec.scheduler.grace_period} epochs, reduction "
                                                  f"{spec.scheduler.reduction_factor})"
                                                  if spec.scheduler.type == "asha" else ""),
@@ -324,6 +327,39 @@ def _policy_overrides(items: list[str]) -> dict:
     return out
 
 
+def add_replay_arguments(rp: argparse.ArgumentParser) -> None:
+    """``ssl-study replay``'s options: a study file's search, scheduler and stopping keys, with its defaults."""
+    from study.spec import SCHEDULERS, STARTUPS, Scheduler, Search
+
+    search, scheduler = Search(), Scheduler()
+    rp.add_argument("name", nargs="?", default="mocov3-fmnist-grid",
+                    help="a finished observe-mode study (directory or name under --storage) or a shipped record "
+                         "under bench/records/ (default: mocov3-fmnist-grid)")
+    rp.add_argument("--storage", default="runs")
+    rp.add_argument("--sampler", choices=("tpe", "random", "grid"), default=search.sampler)
+    rp.add_argument("--startup", choices=STARTUPS, default=search.startup,
+                    help="how TPE's first trials are drawn: random, or a Sobol design")
+    rp.add_argument("--startup-trials", type=_at_least(0), default=search.startup_trials,
+                    help="TPE's first trials, before it models")
+    rp.add_argument("--scheduler", choices=SCHEDULERS, default=scheduler.type)
+    rp.add_argument("--grace-period", type=_at_least(1), default=scheduler.grace_period,
+                    help="ASHA: epochs before the first rung")
+    rp.add_argument("--reduction-factor", type=_at_least(2), default=scheduler.reduction_factor,
+                    help="ASHA / Hyperband: keep 1/N at each rung")
+    rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
+                    help="the instability policy's mode in the replay")
+    rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
+                    help="override the recorded stopping settings (detectors too, where the record has traces)")
+    rp.add_argument("--metric", choices=("knn_top1", "rankme"), default=search.metric)
+    rp.add_argument("--constraints", action=argparse.BooleanOptionalAction, default=search.constraints,
+                    help="stopped or flagged trials as constraint violations")
+    rp.add_argument("--seeds", type=_at_least(1), default=1,
+                    help="replay seeds (sampler seed and which recorded seed plays)")
+    rp.add_argument("--trials", type=_at_least(1), default=None,
+                    help="at most this many trials (default: until the budget)")
+    rp.add_argument("--budget", type=float, default=1.0, help="compute budget as a fraction of the grid's")
+
+
 def replay_cmd(args: argparse.Namespace) -> int:
     from study import replay
 
@@ -332,7 +368,8 @@ def replay_cmd(args: argparse.Namespace) -> int:
                                scheduler=args.scheduler, stopping=args.stopping,
                                policy=_policy_overrides(args.policy or []), metric=args.metric,
                                constraints=args.constraints, startup_trials=args.startup_trials,
-                               grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+                               startup=args.startup, grace_period=args.grace_period,
+                               reduction_factor=args.reduction_factor)
     if not 0 < args.budget <= 10:
         raise SpecError(f"--budget: a fraction of the grid's compute in (0, 10], got {args.budget:g}")
     replay.replay_spec(record, strategy, 1, 0, Path("."))  # checks the policy before Ray starts
@@ -450,26 +487,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
         cp.set_defaults(func=convert_from_args)
 
     rp = sub.add_parser("replay", help="replay a recorded observe-mode study under other search settings")
-    rp.add_argument("name", nargs="?", default="mocov3-fmnist-grid",
-                    help="a finished observe-mode study (directory or name under --storage) or a shipped record "
-                         "under bench/records/ (default: mocov3-fmnist-grid)")
-    rp.add_argument("--storage", default="runs")
-    rp.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
-    rp.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
-    rp.add_argument("--grace-period", type=_at_least(1), default=1, help="ASHA: epochs before the first rung")
-    rp.add_argument("--reduction-factor", type=_at_least(2), default=2, help="ASHA: keep 1/N at each rung")
-    rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
-                    help="the instability policy's mode in the replay")
-    rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
-                    help="override the recorded stopping settings (detectors too, where the record has traces)")
-    rp.add_argument("--metric", choices=("knn_top1", "rankme"), default="knn_top1")
-    rp.add_argument("--constraints", action="store_true", help="stopped or flagged trials as constraint violations")
-    rp.add_argument("--startup-trials", type=_at_least(0), default=10, help="TPE's random trials before it models")
-    rp.add_argument("--seeds", type=_at_least(1), default=1,
-                    help="replay seeds (sampler seed and which recorded seed plays)")
-    rp.add_argument("--trials", type=_at_least(1), default=None,
-                    help="at most this many trials (default: until the budget)")
-    rp.add_argument("--budget", type=float, default=1.0, help="compute budget as a fraction of the grid's")
+    if command == "replay":  # its defaults are a study file's (study/spec.py), which imports what --help need not
+        add_replay_arguments(rp)
     verbose(rp)
     rp.set_defaults(func=replay_cmd)
 
