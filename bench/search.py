@@ -18,6 +18,7 @@ and a figure of the answer's mean final kNN against compute (median and quartile
     .venv/bin/python bench/search.py --records mocov3-fmnist-grid --seeds 3 --strategies grid tpe+asha+policy
     nice .venv/bin/python bench/search.py --commit    # hours: commits bench/races/ as strategies finish, so that
                                                       # a race cut off by the end of a sitting goes on in the next
+    .venv/bin/python bench/search.py --saved-only     # the table and figure of what is saved, replaying nothing
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def answer_at(ended: list[rp.Ended], epochs: float) -> float:
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)  # of the grid's compute, where the regret is measured
 BASELINE = "random+asha"  # what every strategy is tested against (paired by replay seed)
+DEFAULT = "sobol-tpe+asha+policy"  # what `ssl-study launch` does when the study file says nothing (study/spec.py)
 REFERENCE = "random"  # the normalised score's 0
 
 
@@ -205,7 +207,8 @@ def report(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lo, mid, hi = r["reach"]
-        cells = [f"`{r['strategy']}`", f"{mid:.2f} [{lo:.2f}, {hi:.2f}]",
+        name = f"**`{r['strategy']}`** (default)" if r["strategy"] == DEFAULT else f"`{r['strategy']}`"
+        cells = [name, f"{mid:.2f} [{lo:.2f}, {hi:.2f}]",
                  *(f"{100 * r[f'regret{f:g}'][0]:.2f} ± {100 * r[f'regret{f:g}'][1]:.2f}" for f in FRACTIONS),
                  f"{r['score0.1']:.2f}", f"{r['score0.25']:.2f}", f"{r['found']:.0%}",
                  *("-" if math.isnan(r[k]) else f"{r[k]:.3g}" for k in ("p0.1", "p0.25")),
@@ -223,10 +226,13 @@ def plot(curves: dict[str, list[list[rp.Ended]]], record: rp.Record, path: Path)
 
     xs = np.linspace(0.01, 1.0, 100)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in curves.items():
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
+    for i, (name, runs) in enumerate(curves.items()):
         ys = 100 * np.array([[regret_at(ended, record, x) for x in xs] for ended in runs])
         mean, se = ys.mean(axis=0), ys.std(axis=0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else 0.0
-        (line,) = ax.plot(xs, mean, lw=1.6, label=name)
+        key = name in (DEFAULT, BASELINE)  # the default and what it is tested against, drawn thicker
+        (line,) = ax.plot(xs, mean, lw=2.8 if key else 1.3, color=colours[i % 20],
+                          label=f"{name} (default)" if name == DEFAULT else name)
         ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.15)
     ax.axhline(1.0, color="k", lw=0.8, ls=":", label="1 point")
     ax.set_xscale("log")
@@ -310,17 +316,20 @@ def main() -> None:
                         "replay's code: a saved replay is reused while its strategy is unchanged)")
     p.add_argument("--commit", action="store_true",
                    help="git commit the saved replays as each strategy finishes and every 15 minutes")
+    p.add_argument("--saved-only", action="store_true",
+                   help="replay nothing: the table and figure of the strategies whose seeds are all saved")
     args = p.parse_args()
     for name in args.records:
         race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
-                    Saved(args.saved, _record(name), calibrated(_record(name))), commit_each=args.commit)
+                    Saved(args.saved, _record(name), calibrated(_record(name))), commit_each=args.commit,
+                    saved_only=args.saved_only)
 
 
 COMMIT_EVERY_S = 900.0
 
 
 def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure: Path, saved: Saved,
-                commit_each: bool = False) -> None:
+                commit_each: bool = False, saved_only: bool = False) -> None:
     record = _record(name)  # loaded once per process (main loaded it for the policy)
     grid = len(record.runs) * record.epochs
     best = record.best_cell()
@@ -335,25 +344,30 @@ def race_record(name: str, strategies: list[str], seeds: int, jobs: int, figure:
           f"{100 * noise_floor(record, seeds):.2f} points (mean over the {seeds} replay seeds)")
     print(f"calibrated policy: {saved.policy}")
     done = {s: saved.load(s) for s in strategies}
+    if saved_only:
+        missing = [s for s in strategies if any(seed not in done[s] for seed in range(seeds))]
+        print(f"not in the table (fewer than {seeds} seeds saved): {', '.join(missing) or 'none'}")
+        strategies = [s for s in strategies if s not in missing]
     tasks = [(name, s, seed, saved.policy) for s in strategies for seed in range(seeds) if seed not in done[s]]
     print(f"{len(tasks)} replays to run, {sum(len(d) for d in done.values())} saved", flush=True)
     tic = committed = time.perf_counter()
     # Replays are independent: each process runs its share on a local Ray of its own (one replay at a time, so
     # each replay stays deterministic).
-    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_ray) as pool:
-        for (_, s, seed, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
-            done[s][seed] = ended
-            saved.save(s, done[s])
-            finished = all(k in done[s] for k in range(seeds))
-            if finished:
-                print(f"  {s}: done at {time.perf_counter() - tic:.0f} s", flush=True)
-            if commit_each and (finished or time.perf_counter() - committed > COMMIT_EVERY_S):
-                from record_runs import commit  # the recorder's: one way to commit a result
-                commit(saved.folder, f"race on {name}: {s} {'done' if finished else 'in progress'} "
-                                     f"({sum(map(len, done.values()))} of {len(strategies) * seeds} replays)")
-                committed = time.perf_counter()
-        pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
-        pool.join()
+    if tasks:  # (a Ray per process: nothing to start for a table of saved replays)
+        with multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_ray) as pool:
+            for (_, s, seed, _), ended in zip(tasks, pool.imap(_replay, tasks), strict=True):
+                done[s][seed] = ended
+                saved.save(s, done[s])
+                finished = all(k in done[s] for k in range(seeds))
+                if finished:
+                    print(f"  {s}: done at {time.perf_counter() - tic:.0f} s", flush=True)
+                if commit_each and (finished or time.perf_counter() - committed > COMMIT_EVERY_S):
+                    from record_runs import commit  # the recorder's: one way to commit a result
+                    commit(saved.folder, f"race on {name}: {s} {'done' if finished else 'in progress'} "
+                                         f"({sum(map(len, done.values()))} of {len(strategies) * seeds} replays)")
+                    committed = time.perf_counter()
+            pool.close()  # let the workers exit (and shut their Ray down) instead of terminating them
+            pool.join()
     curves = {s: [done[s][seed] for seed in range(seeds)] for s in strategies}
     print(f"\n{seeds} replay seeds; compute as a fraction of the grid ({grid} epochs); regret in kNN points, "
           f"mean +- standard error; score: 0 = {REFERENCE}'s regret, 1 = the best cell; p: paired Wilcoxon "
