@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -319,6 +320,9 @@ def main() -> None:
     p.add_argument("--saved-only", action="store_true",
                    help="replay nothing: the table and figure of the strategies whose seeds are all saved")
     args = p.parse_args()
+    # SIGTERM (`kill`, a job scheduler) ends the race as Ctrl-C does: leaving the pool's `with` terminates its
+    # workers; by default only this process died and each worker went on replaying for minutes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for name in args.records:
         race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
                     Saved(args.saved, _record(name), calibrated(_record(name))), commit_each=args.commit,

@@ -289,9 +289,10 @@ def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int,
     from ray import tune
 
     run = record.pick(record.cell(config), seed)
-    # a line per epoch's checkpoint ("Checkpoint successfully created") on the driver's console: a Hyperband
-    # replay makes hundreds
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # a line per epoch's checkpoint ("Checkpoint successfully created") and per resume ("Restored on ...") on the
+    # driver's console: a Hyperband replay makes hundreds
+    for name in ("ray.train", "ray.tune.trainable"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     done = 0
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
