@@ -83,8 +83,13 @@ def test_real_replays_find_the_known_best_cell(record):
     from study import cluster
 
     cluster.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
+    from ray.train.constants import _get_ray_train_session_dir
+
+    staging = Path(_get_ray_train_session_dir())
+    staged = set(staging.glob("*"))
     curves = {name: [rp.replay(record, search.STRATEGIES[name], seed=seed) for seed in range(3)]
               for name in ("grid", "random+asha", "sobol-tpe+asha", "hyperband")}
+    assert set(staging.glob("*")) == staged  # each replay removed what Tune staged in the Ray session
     rows = {r["strategy"]: r for r in search.race(curves, record)}
     assert rows["grid"]["found"] == 1.0 and rows["grid"]["regret0.5"][0] <= 0.24  # half the grid: >= 2 cells
     assert all(score(runs) for runs in curves.values())
