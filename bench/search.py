@@ -1,18 +1,21 @@
 """Does a study find a better configuration for less compute than a grid? Every strategy replayed on the record.
 
 Each strategy is a real Tune experiment over the recorded runs (study/replay.py: the project's StudySearch,
-Tune's ASHA, the instability policy; only the training is played back), repeated over replay seeds (the
-sampler's seed and which recorded seed of a cell plays). Compute is counted in epochs; the grid is every cell
-run once to the end (the record's cells x epochs). For each strategy, over the seeds (median, quartiles):
+Tune's ASHA or Hyperband, the instability policy; only the training is played back), repeated over replay seeds
+(the sampler's seed and which recorded seed of a cell plays), the same seeds for every strategy. Compute is
+counted in epochs; the grid is every cell run once to the end (the record's cells x epochs). For each strategy:
 
 - the compute from which on the answer stays within 1 point of the grid's best (the best cell's mean final kNN
-  over its seeds), as a fraction of the grid's compute (inf when the budget ran out first);
-- the regret (best cell minus the answer's mean final kNN) at 25% and 50% of the grid's compute, where the
-  answer is what `ssl-study best` would give then: the best completed trial by the study metric, or the best
-  trial stopped early while none has completed (no trial yet: the regret of an average cell);
+  over its seeds), as a fraction of the grid's compute (median and quartiles over seeds; inf when never);
+- the regret (best cell minus the answer's mean final kNN) at 5, 10, 25 and 50% of the grid's compute (mean and
+  standard error), where the answer is what `ssl-study best` would give then: the best completed trial by the
+  study metric, or the best trial stopped early while none has completed (no trial yet: an average cell's);
+- the normalised score (0 = random search's regret, 1 = the best cell) and the paired Wilcoxon signed-rank p of
+  the regrets against random+ASHA's, at 10 and 25%;
 - how often the answer at the full budget is the best cell;
 
-and a figure of the answer's mean final kNN against compute (median and quartiles per strategy).
+and a figure of regret against compute (mean and standard error per strategy). Before the table it prints how
+hard the record is (the share of cells within 1 point of the best, the seed noise) and its noise floor.
 
     .venv/bin/python bench/search.py                          # every strategy, 50 seeds, on both records
     .venv/bin/python bench/search.py --records mocov3-fmnist-grid --seeds 3 --strategies grid tpe+asha+policy
@@ -30,6 +33,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import sys
 import time
@@ -319,6 +323,9 @@ def main() -> None:
     p.add_argument("--saved-only", action="store_true",
                    help="replay nothing: the table and figure of the strategies whose seeds are all saved")
     args = p.parse_args()
+    # SIGTERM (`kill`, a job scheduler) ends the race as Ctrl-C does: leaving the pool's `with` terminates its
+    # workers; by default only this process died and each worker went on replaying for minutes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for name in args.records:
         race_record(name, args.strategies, args.seeds, args.jobs, Path(args.figures) / f"search_{name}.png",
                     Saved(args.saved, _record(name), calibrated(_record(name))), commit_each=args.commit,

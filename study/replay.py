@@ -17,9 +17,11 @@ record's seeds (what the configuration is worth, not the luck of the seed that w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import shutil
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -289,9 +291,10 @@ def replay_trial(config: dict, *, record: Record, policy: StopPolicy, seed: int,
     from ray import tune
 
     run = record.pick(record.cell(config), seed)
-    # a line per epoch's checkpoint ("Checkpoint successfully created") on the driver's console: a Hyperband
-    # replay makes hundreds
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # a line per epoch's checkpoint ("Checkpoint successfully created") and per resume ("Restored on ...") on the
+    # driver's console: a Hyperband replay makes hundreds
+    for name in ("ray.train", "ray.tune.trainable"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     done = 0
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
@@ -470,10 +473,26 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
         ledger = _ledger_class()(record, strategy.metric, budget, record.epochs)
         search = runner.build_search(spec, storage=optuna_storage or optuna.storages.InMemoryStorage())
         callbacks = [ledger, *([ResultsWriter(spec)] if out else [])]
-        with runner.environment(REPLAY_ENV):
+        with runner.environment(REPLAY_ENV), _staging_removed():
             runner.build_tuner(spec, run=run, search=search, callbacks=callbacks, stop=ledger,
                                reuse_actors=True).fit()
         if out:
             runner.save_spec(spec)
     return ledger.ended
 
+
+
+@contextlib.contextmanager
+def _staging_removed():
+    """Remove what the experiment staged under the Ray session's ``artifacts`` folder (Tune's experiment state
+    before it is persisted): a replay's is 20 MB (600 trials), left until the Ray session's folder is deleted, so
+    a race of 800 replays on one Ray left 16 GB in /tmp/ray. One experiment at a time per Ray here."""
+    from ray.train.constants import _get_ray_train_session_dir  # Tune's own staging folder (private)
+
+    staging = Path(_get_ray_train_session_dir())
+    before = set(staging.iterdir()) if staging.is_dir() else set()
+    try:
+        yield
+    finally:
+        for folder in set(staging.iterdir()) - before if staging.is_dir() else ():
+            shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,10 @@ then on real replays through Tune + Optuna + ASHA."""
 
 import dataclasses
 import math
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +26,7 @@ TRUTH = {1e-3: 0.60, 3e-3: 0.70, 1e-2: 0.74, 3e-2: 0.50}  # each cell's mean fin
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory) -> rp.Record:
+def record_folder(tmp_path_factory) -> Path:
     """Four cells x two seeds; each run's kNN climbs to its cell's truth +- 0.2 points (the seed)."""
     folder = tmp_path_factory.mktemp("records") / "synthetic"
     folder.mkdir()
@@ -43,7 +46,12 @@ def record(tmp_path_factory) -> rp.Record:
                         "knn_top1_init": 0.4, "loss": 1.0, "epoch_time_s": 1.0} for e in range(1, EPOCHS + 1)]
     pq.write_table(pa.Table.from_pylist(trials), folder / "trials.parquet")
     pq.write_table(pa.Table.from_pylist(epochs), folder / "epochs.parquet")
-    return rp.load_record(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def record(record_folder) -> rp.Record:
+    return rp.load_record(str(record_folder))
 
 
 def ended(record: rp.Record, answers: list[tuple[int, float]]) -> list[rp.Ended]:
@@ -75,8 +83,13 @@ def test_real_replays_find_the_known_best_cell(record):
     from study import cluster
 
     cluster.start_ray(None, num_cpus=1, object_store_memory=128 * 2**20)
+    from ray.train.constants import _get_ray_train_session_dir
+
+    staging = Path(_get_ray_train_session_dir())
+    staged = set(staging.glob("*"))
     curves = {name: [rp.replay(record, search.STRATEGIES[name], seed=seed) for seed in range(3)]
               for name in ("grid", "random+asha", "sobol-tpe+asha", "hyperband")}
+    assert set(staging.glob("*")) == staged  # each replay removed what Tune staged in the Ray session
     rows = {r["strategy"]: r for r in search.race(curves, record)}
     assert rows["grid"]["found"] == 1.0 and rows["grid"]["regret0.5"][0] <= 0.24  # half the grid: >= 2 cells
     assert all(score(runs) for runs in curves.values())
@@ -121,3 +134,34 @@ def test_saved_replays_resume_a_race_and_drop_those_of_a_changed_strategy(record
     assert saved.load("tpe+asha") == replays
     changed = dataclasses.replace(record, runs={**record.runs, (1e-3,): record.runs[(1e-3,)][:1]})
     assert search.Saved(tmp_path, changed, policy={"spike_z": 4.0}).load("tpe+asha") == {}  # the record changed
+
+
+def test_sigterm_ends_the_race_and_its_replaying_workers(record_folder, tmp_path):
+    """`kill` of a race leaves no pool worker replaying on (by default only the parent died)."""
+    saved = tmp_path / "saved"
+    race = subprocess.Popen([sys.executable, "bench/search.py", "--records", str(record_folder), "--seeds", "40",
+                             "--strategies", "hyperband", "--jobs", "1", "--saved", str(saved),
+                             "--figures", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(saved.glob("*/hyperband.json.gz")):  # the first replay saved: the worker is replaying
+        assert race.poll() is None and time.monotonic() < deadline, "no replay saved within 4 min"
+        time.sleep(0.5)
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and status(p.name, "PPid") == race.pid]
+    assert workers
+    race.send_signal(signal.SIGTERM)
+    assert race.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 60
+    while alive := [w for w in workers if status(w, "State") not in (None, "Z")]:
+        assert time.monotonic() < deadline, f"pool workers {alive} still running 60 s after the race ended"
+        time.sleep(0.5)
+
+
+def status(pid, field: str):
+    """A field of /proc/<pid>/status (PPid as an int), None once the process has gone."""
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(f"{field}:"))
+    except (OSError, StopIteration):
+        return None
+    value = line.split()[1]
+    return int(value) if field == "PPid" else value
