@@ -246,6 +246,7 @@ def plot(curves: dict[str, list[list[rp.Ended]]], record: rp.Record, path: Path)
                  f"{len(next(iter(curves.values())))} replay seeds", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
