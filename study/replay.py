@@ -481,7 +481,6 @@ def replay(record: Record, strategy: Strategy, *, seed: int = 0, trials: int | N
     return ledger.ended
 
 
-
 @contextlib.contextmanager
 def _staging_removed():
     """Remove what the experiment staged under the Ray session's ``artifacts`` folder (Tune's experiment state

@@ -143,14 +143,18 @@ def test_sigterm_ends_the_race_and_its_replaying_workers(record_folder, tmp_path
                              "--strategies", "hyperband", "--jobs", "1", "--saved", str(saved),
                              "--figures", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not list(saved.glob("*/hyperband.json.gz")):  # the first replay saved: the worker is replaying
-        assert race.poll() is None and time.monotonic() < deadline, "no replay saved within 4 min"
-        time.sleep(0.5)
-    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and status(p.name, "PPid") == race.pid]
-    assert workers
-    race.send_signal(signal.SIGTERM)
-    assert race.wait(timeout=60) == 128 + signal.SIGTERM
+    try:
+        deadline = time.monotonic() + 240
+        while not list(saved.glob("*/hyperband.json.gz")):  # the first replay saved: the worker is replaying
+            assert race.poll() is None and time.monotonic() < deadline, "no replay saved within 4 min"
+            time.sleep(0.5)
+        workers = [int(p.name) for p in Path("/proc").iterdir()
+                   if p.name.isdigit() and status(p.name, "PPid") == race.pid]
+        assert workers
+        race.send_signal(signal.SIGTERM)
+        assert race.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        race.kill()  # (a no-op once it has ended) a failed test leaves no race behind
     deadline = time.monotonic() + 60
     while alive := [w for w in workers if status(w, "State") not in (None, "Z")]:
         assert time.monotonic() < deadline, f"pool workers {alive} still running 60 s after the race ended"
