@@ -109,8 +109,9 @@ def difficulty(record: rp.Record) -> dict:
 
 def noise_floor(record: rp.Record, seeds: int) -> float:
     """The regret of a search that ran every cell to the end and answered the best final kNN it saw, mean over
-    replay ``seeds``: what choosing by one run per cell costs when seeds differ. No strategy that answers by a
-    run's value (as `ssl-study best` does) is expected below it."""
+    replay ``seeds``: what choosing by one run per cell costs when seeds differ. A search that answers by a run's
+    value (as `ssl-study best` does) lands below it only by luck or by never seeing a lesser cell's lucky final
+    run (a cell stopped early)."""
     best = record.truth(record.best_cell())
     seen = ([(record.pick(c, s).final, c) for c in record.runs] for s in range(seeds))
     return statistics.mean(best - record.truth(max((v, c) for v, c in runs if math.isfinite(v))[1]) for runs in seen)
