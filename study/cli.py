@@ -329,14 +329,15 @@ def _policy_overrides(items: list[str]) -> dict:
 
 def add_replay_arguments(rp: argparse.ArgumentParser) -> None:
     """``ssl-study replay``'s options: a study file's search, scheduler and stopping keys, with its defaults."""
-    from study.spec import SCHEDULERS, STARTUPS, Scheduler, Search
+    from study.spec import SAMPLERS, SCHEDULERS, STARTUPS, Scheduler, Search
+    from trainers.policy import STOP_MODES, StopPolicy
 
     search, scheduler = Search(), Scheduler()
     rp.add_argument("name", nargs="?", default="mocov3-fmnist-grid",
                     help="a finished observe-mode study (directory or name under --storage) or a shipped record "
                          "under bench/records/ (default: mocov3-fmnist-grid)")
     rp.add_argument("--storage", default="runs")
-    rp.add_argument("--sampler", choices=("tpe", "random", "grid"), default=search.sampler)
+    rp.add_argument("--sampler", choices=SAMPLERS, default=search.sampler)
     rp.add_argument("--startup", choices=STARTUPS, default=search.startup,
                     help="how TPE's first trials are drawn: random, or a Sobol design")
     rp.add_argument("--startup-trials", type=_at_least(0), default=search.startup_trials,
@@ -346,7 +347,7 @@ def add_replay_arguments(rp: argparse.ArgumentParser) -> None:
                     help="ASHA: epochs before the first rung")
     rp.add_argument("--reduction-factor", type=_at_least(2), default=scheduler.reduction_factor,
                     help="ASHA / Hyperband: keep 1/N at each rung")
-    rp.add_argument("--stopping", choices=("enforce", "observe", "off"), default="enforce",
+    rp.add_argument("--stopping", choices=STOP_MODES, default=StopPolicy().mode,
                     help="the instability policy's mode in the replay")
     rp.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
                     help="override the recorded stopping settings (detectors too, where the record has traces)")
