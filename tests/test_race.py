@@ -169,3 +169,17 @@ def status(pid, field: str):
         return None
     value = line.split()[1]
     return int(value) if field == "PPid" else value
+
+
+def test_the_race_marks_as_default_what_a_study_file_gets_when_it_says_nothing():
+    from study.spec import Scheduler, Search
+    from trainers.policy import StopPolicy
+
+    strategy, search_, scheduler = search.STRATEGIES[search.DEFAULT], Search(), Scheduler()
+    assert (strategy.sampler, strategy.startup, strategy.startup_trials, strategy.constraints,
+            strategy.rerun_duplicates, strategy.metric) == (search_.sampler, search_.startup, search_.startup_trials,
+                                                            search_.constraints, search_.rerun_duplicates,
+                                                            search_.metric)
+    assert (strategy.scheduler, strategy.grace_period, strategy.reduction_factor) == (
+        scheduler.type, scheduler.grace_period, scheduler.reduction_factor)
+    assert strategy.stopping == StopPolicy().mode and not strategy.policy
